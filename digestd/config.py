@@ -305,6 +305,14 @@ def _describe(exc: PydanticValidationError, data: dict[str, Any]) -> str:
         problem = "unknown key"
     elif kind == "missing":
         problem = "required value is missing"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        key += ".kind"
+        tag = (err.get("ctx") or {}).get("tag")
+        problem = (
+            f"{tag!r} is not one of hf_daily, arxiv, feed, file"
+            if tag
+            else "required value is missing (hf_daily, arxiv, feed or file)"
+        )
     else:
         problem = err["msg"].removeprefix("Value error, ")
     env_name = "DIGESTD_" + "__".join(p.upper() for p in parts[:2] if "[" not in p)

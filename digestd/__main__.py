@@ -1,0 +1,5 @@
+"""``python -m digestd``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,421 @@
+"""The one module that knows the order: fetch → select → render → send → record.
+
+``run_once`` is one pass for one digest date. It is safe to repeat: the run lock keeps a
+second process out while a pass is in progress, and the ledger skips every digest that the
+server already accepted, so a date is never sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import structlog
+
+from .config import Settings, read_secret
+from .errors import ConfigError, RenderError, SourceError
+from .models import Delivery, Digest, Paper, RenderedDigest, Subscriber
+from .runlock import RunLock
+from .store import Store
+
+log = structlog.get_logger(__name__)
+
+SUBSCRIBER_BATCH = 500
+# Keep a deferred digest's retries well inside the day so they never meet the next digest.
+MAX_RETRY_WINDOW = dt.timedelta(hours=12)
+Progress = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class RunSummary:
+    date: dt.date
+    state: str = "ok"  # ok | partial | failed
+    reason: str = ""
+    fetched: int = 0
+    subscribers: int = 0
+    sent: int = 0
+    skipped: int = 0
+    failed: int = 0
+    deferred: int = 0
+    seconds: float = 0.0
+    source_failures: list[tuple[str, str]] = field(default_factory=list)
+    dry_run_messages: list[RenderedDigest] = field(default_factory=list)
+
+    def counts(self) -> dict[str, float]:
+        return {
+            "fetched": self.fetched,
+            "subscribers": self.subscribers,
+            "sent": self.sent,
+            "skipped": self.skipped,
+            "failed": self.failed + self.deferred,
+            "seconds": self.seconds,
+        }
+
+    @property
+    def exit_code(self) -> int:
+        return {"ok": 0, "partial": 3}.get(self.state, 1)
+
+
+def today_in(timezone: str, now: dt.datetime | None = None) -> dt.date:
+    moment = now or dt.datetime.now(dt.UTC)
+    return moment.astimezone(ZoneInfo(timezone)).date()
+
+
+def due_on(subscriber: Subscriber, date: dt.date) -> bool:
+    """Cadence: daily every day, weekdays Monday–Friday, weekly on Mondays."""
+    cadence = subscriber.prefs.cadence
+    if cadence == "weekdays":
+        return date.weekday() < 5
+    if cadence == "weekly":
+        return date.weekday() == 0
+    return True
+
+
+async def fetch_papers(settings: Settings, date: dt.date) -> tuple[list[Paper], list[tuple[str, str]]]:
+    """Every configured source; failures are logged and returned, never raised."""
+    from . import sources
+
+    if not settings.sources:
+        raise ConfigError(
+            f"{settings.source_path or 'configuration'}: sources: no [[sources]] configured"
+        )
+    async with sources.make_client(settings.fetch) as client:
+        result = await sources.fetch_all(settings.sources, date, client, settings.fetch)
+    for name, count in result.counts:
+        log.info("source fetched", source=name, papers=count)
+    for name, reason in result.failures:
+        log.warning("source failed", source=name, reason=reason)
+    return list(result.papers), list(result.failures)
+
+
+class Engine:
+    """Selection and rendering for one run: the day's papers prepared once, templates loaded once."""
+
+    def __init__(self, settings: Settings, papers: Sequence[Paper], seen: Sequence[Paper], now: dt.datetime) -> None:
+        from .render import RenderContext, Renderer
+        from .selection import prepare_day
+
+        self.settings = settings
+        self.day = prepare_day(papers, seen)
+        self.renderer = Renderer()
+        self.ctx = RenderContext.from_settings(settings, now)
+        self._dkim_key: bytes | None = None
+        if settings.dkim.enabled:
+            key = read_secret("dkim-private-key", settings.dkim.private_key_file, "DIGESTD_DKIM_KEY")
+            if not key:
+                raise ConfigError("dkim.private_key_file: no DKIM private key found")
+            self._dkim_key = key.encode()
+
+    def select(
+        self, subscriber: Subscriber, date: dt.date, already_sent: set[str], seeds: dict[str, Paper]
+    ) -> tuple[Digest, str]:
+        from .selection import empty_reason, select
+
+        digest = select(self.day, subscriber, date, already_sent=already_sent, seeds=seeds)
+        reason = "" if digest.picks else empty_reason(
+            self.day, subscriber, already_sent=already_sent, seeds=seeds
+        )
+        return digest, reason
+
+    def render(self, digest: Digest) -> RenderedDigest:
+        rendered = self.renderer.render(digest, self.ctx)
+        if self._dkim_key is not None:
+            from .signing import dkim_sign
+
+            signed = dkim_sign(
+                rendered.message,
+                domain=self.settings.dkim.domain,
+                selector=self.settings.dkim.selector,
+                private_key=self._dkim_key,
+                algorithm=self.settings.dkim.algorithm,
+            )
+            rendered = replace(rendered, message=signed)
+        return rendered
+
+
+async def _seed_papers(store: Store, subscribers: Sequence[Subscriber]) -> dict[str, Paper]:
+    ids = {pid for sub in subscribers for pid in sub.prefs.seed_papers}
+    return await store.get_papers(ids) if ids else {}
+
+
+async def _subscriber_batches(
+    store: Store, only: str | None
+) -> AsyncIterator[list[Subscriber]]:
+    if only is not None:
+        sub = await store.get_subscriber(only)
+        if sub.status == "active":
+            yield [sub]
+        else:
+            log.info("subscriber not active", email=only, status=sub.status)
+        return
+    async for batch in store.iter_subscribers(batch=SUBSCRIBER_BATCH):
+        yield batch
+
+
+def backoff(attempt: int, base: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [base/2, base·2^(attempt-1)]."""
+    ceiling = base * (2 ** max(0, attempt - 1))
+    return rng.uniform(base / 2, max(base / 2, ceiling))
+
+
+async def run_once(
+    settings: Settings,
+    store: Store,
+    date: dt.date,
+    *,
+    dry_run: bool = False,
+    only: str | None = None,
+    trigger: str = "run-once",
+    papers: Sequence[Paper] | None = None,
+    now: dt.datetime | None = None,
+    stop: asyncio.Event | None = None,
+    progress: Progress | None = None,
+    retry_base: float | None = None,
+    include: Callable[[Subscriber], bool] | None = None,
+) -> RunSummary:
+    """One pass for ``date``. ``papers`` bypasses the sources (demo, tests); ``include``
+    limits the pass to the subscribers it accepts (the daemon's per-timezone slots)."""
+    started = time.monotonic()
+    summary = RunSummary(date=date)
+    now = now or dt.datetime.now(dt.UTC)
+    structlog.contextvars.bind_contextvars(digest_date=date.isoformat())
+    try:
+        if dry_run:
+            await _run(settings, store, date, summary, dry_run=True, only=only, papers=papers,
+                       now=now, stop=stop, progress=progress, retry_base=retry_base, run_id=None,
+                       include=include)
+        else:
+            async with RunLock(store.path):
+                await store.mark_interrupted_runs()
+                run_id = await store.start_run(date, trigger)
+                try:
+                    await _run(settings, store, date, summary, dry_run=False, only=only,
+                               papers=papers, now=now, stop=stop, progress=progress,
+                               retry_base=retry_base, run_id=run_id, include=include)
+                except BaseException as exc:
+                    summary.state = "failed"
+                    summary.reason = summary.reason or f"{type(exc).__name__}: {exc}"
+                    raise
+                finally:
+                    summary.seconds = round(time.monotonic() - started, 3)
+                    await asyncio.shield(
+                        store.finish_run(run_id, summary.state, summary.counts(), summary.reason)
+                    )
+    finally:
+        summary.seconds = round(time.monotonic() - started, 3)
+        log.info(
+            "run finished",
+            state=summary.state,
+            reason=summary.reason or None,
+            fetched=summary.fetched,
+            subscribers=summary.subscribers,
+            sent=summary.sent,
+            skipped=summary.skipped,
+            failed=summary.failed,
+            deferred=summary.deferred,
+            seconds=summary.seconds,
+            dry_run=dry_run,
+        )
+        structlog.contextvars.unbind_contextvars("digest_date")
+    return summary
+
+
+async def _run(
+    settings: Settings,
+    store: Store,
+    date: dt.date,
+    summary: RunSummary,
+    *,
+    dry_run: bool,
+    only: str | None,
+    papers: Sequence[Paper] | None,
+    now: dt.datetime,
+    stop: asyncio.Event | None,
+    progress: Progress | None,
+    retry_base: float | None,
+    run_id: int | None,
+    include: Callable[[Subscriber], bool] | None = None,
+) -> None:
+    from .deliver import make_transport
+
+    transport = None if dry_run else make_transport(settings)
+    if transport is not None:
+        # Login / TLS problems are found before any paper is fetched.
+        await transport.__aenter__()
+    try:
+        if transport is not None:
+            await transport.check()
+        if papers is None:
+            fetched, failures = await fetch_papers(settings, date)
+            summary.source_failures = failures
+            if not fetched and failures and len(failures) >= len(settings.sources):
+                summary.state = "failed"
+                summary.reason = "every source failed: " + "; ".join(
+                    f"{name}: {why}" for name, why in failures
+                )
+                log.error("no papers: every source failed", reasons=summary.reason)
+                return
+        else:
+            fetched = list(papers)
+        summary.fetched = len(fetched)
+        if not dry_run:
+            await store.upsert_papers(fetched, now)
+        seen = await store.recent_papers()
+        engine = Engine(settings, fetched, seen, now)
+        sender = _Sender(settings, store, date, summary, transport, run_id, retry_base)
+        paper_ids = [p.id for p in fetched]
+        async for batch in _subscriber_batches(store, only):
+            if stop is not None and stop.is_set():
+                summary.reason = "stopped before every subscriber was processed"
+                break
+            states = {} if dry_run else await store.ledger_states(date, [s.id for s in batch])
+            sent_before = await store.sent_papers([s.id for s in batch], paper_ids)
+            seeds = await _seed_papers(store, batch)
+            ready: list[RenderedDigest] = []
+            if include is not None:
+                batch = [s for s in batch if include(s)]
+            for sub in batch:
+                summary.subscribers += 1
+                state = states.get(sub.id, ("", 0))[0]
+                if state in ("accepted", "failed", "suppressed"):
+                    summary.skipped += 1
+                    continue
+                if not due_on(sub, date):
+                    summary.skipped += 1
+                    continue
+                already = sent_before.get(sub.id, set())
+                if state in ("sending", "deferred", "unknown"):
+                    # A retry: the papers recorded for that attempt are not "already sent".
+                    already = set()
+                digest, why = engine.select(sub, date, already, seeds)
+                if not digest.picks and not settings.digest.send_empty:
+                    summary.skipped += 1
+                    log.info("nothing to send", email=sub.email, reason=why)
+                    continue
+                try:
+                    rendered = engine.render(digest)
+                except (RenderError, ValueError, KeyError, TypeError) as exc:
+                    summary.failed += 1
+                    log.error("render failed", email=sub.email, error=str(exc))
+                    if not dry_run:
+                        await store.set_state(sub.id, date, "failed", f"render failed: {exc}")
+                    continue
+                ready.append(rendered)
+            if dry_run:
+                summary.dry_run_messages.extend(ready)
+                summary.sent += len(ready)
+            else:
+                await sender.send_batch(ready)
+            if progress is not None:
+                progress(f"{summary.subscribers} subscribers, {summary.sent} sent")
+        if not dry_run:
+            await sender.retry_deferred(stop)
+        if summary.failed or summary.deferred:
+            summary.state = "partial"
+            summary.reason = summary.reason or (
+                f"{summary.failed} failed, {summary.deferred} deferred"
+            )
+    finally:
+        if transport is not None:
+            await transport.__aexit__(None, None, None)
+
+
+class _Sender:
+    """Claims, sends and records digests with bounded concurrency."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        date: dt.date,
+        summary: RunSummary,
+        transport: Any,
+        run_id: int | None,
+        retry_base: float | None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.date = date
+        self.summary = summary
+        self.transport = transport
+        self.run_id = run_id
+        self.retry_base = 30.0 if retry_base is None else retry_base
+        self.deferred: dict[int, tuple[RenderedDigest, int]] = {}
+        self.envelope_from = settings.digest.from_address
+        self.rng = random.Random()
+
+    async def send_batch(self, messages: Sequence[RenderedDigest]) -> None:
+        if not messages:
+            return
+        claimed = await self.store.claim_many(
+            [(m.subscriber_id, m.message_id, m.paper_ids) for m in messages], self.date, self.run_id
+        )
+        todo = [m for m in messages if m.subscriber_id in claimed]
+        self.summary.skipped += len(messages) - len(todo)
+        limit = asyncio.Semaphore(self.settings.delivery.concurrency)
+
+        async def one(message: RenderedDigest) -> None:
+            async with limit:
+                delivery = await self.transport.send(message, self.envelope_from)
+            await self._record(message, delivery, attempt=1)
+
+        await asyncio.gather(*(one(m) for m in todo))
+
+    async def _record(self, message: RenderedDigest, delivery: Delivery, attempt: int) -> None:
+        from .deliver import is_policy
+
+        max_attempts = self.settings.delivery.max_attempts
+        state = delivery.state
+        if state == "deferred" and attempt >= max_attempts:
+            delivery = replace(delivery, state="failed", reply=f"gave up after {attempt} attempts: {delivery.reply}")
+            state = "failed"
+        await self.store.record(delivery)
+        if state == "accepted":
+            self.summary.sent += 1
+            self.deferred.pop(message.subscriber_id, None)
+        elif state in ("deferred", "unknown"):
+            self.deferred[message.subscriber_id] = (message, attempt)
+            log.warning("delivery deferred", email=message.email, reply=delivery.reply, attempt=attempt)
+        else:
+            self.deferred.pop(message.subscriber_id, None)
+            self.summary.failed += 1
+            log.error("delivery failed", email=message.email, reply=delivery.reply)
+            if state == "failed" and not is_policy(delivery.reply) and delivery.reply[:1] == "5":
+                await self.store.suppress(message.subscriber_id, f"hard bounce: {delivery.reply}")
+                log.warning("subscriber suppressed", email=message.email, reply=delivery.reply)
+
+    async def retry_deferred(self, stop: asyncio.Event | None) -> None:
+        """Retry 4xx/unknown digests with jittered exponential backoff, up to max_attempts."""
+        deadline = time.monotonic() + MAX_RETRY_WINDOW.total_seconds()
+        while self.deferred:
+            if stop is not None and stop.is_set():
+                break
+            attempt = max(a for _, a in self.deferred.values()) + 1
+            wait = backoff(attempt - 1, self.retry_base, self.rng)
+            if time.monotonic() + wait > deadline:
+                break
+            log.info("retrying deferred digests", count=len(self.deferred), wait=round(wait, 2))
+            if stop is not None:
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=wait)
+                    break
+                except TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(wait)
+            batch = list(self.deferred.values())
+            self.deferred.clear()
+            for message, tries in batch:
+                if not await self.store.claim(
+                    message.subscriber_id, self.date, message.message_id, message.paper_ids, self.run_id
+                ):
+                    continue
+                delivery = await self.transport.send(message, self.envelope_from)
+                await self._record(message, replace(delivery, attempts=tries + 1), attempt=tries + 1)
+        self.summary.deferred = len(self.deferred)
