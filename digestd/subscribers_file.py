@@ -22,7 +22,7 @@ ROW_KEYS = ("email", "name", *(
     "keywords", "exclude", "categories", "authors", "seed_papers", "max_papers",
     "min_upvotes", "timezone", "send_at", "cadence",
 ))
-_HEADER = re.compile(r"^\s*\[\[\s*subscriber\s*\]\]", re.MULTILINE)
+_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*subscriber[ \t]*\]\]", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
