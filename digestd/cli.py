@@ -26,6 +26,12 @@ T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
+def _examples(*lines: str) -> str:
+    """A help epilog showing example command lines (``\\b`` keeps click from rewrapping)."""
+    label = "Example" if len(lines) == 1 else "Examples"
+    return f"{label}:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     click.echo(f"digestd: {message}", err=True)
     sys.exit(code)
@@ -88,7 +94,9 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    epilog="Example:\n\n\b\n  digestd --config /etc/digestd/digestd.toml run-once --dry-run",
+    epilog=_examples(
+        "digestd --config /etc/digestd/digestd.toml run-once --dry-run",
+    ),
 )
 @click.option(
     "--config",
@@ -110,7 +118,11 @@ def cli(ctx: click.Context, config: str | None, log_format: str | None) -> None:
 
 
 # ---------------------------------------------------------------------------- run / run-once
-@cli.command(epilog="Example:\n\n\b\n  digestd --config /etc/digestd/digestd.toml run")
+@cli.command(
+    epilog=_examples(
+        "digestd --config /etc/digestd/digestd.toml run",
+    )
+)
 @pass_ctx
 def run(ctx: Ctx) -> None:
     """Run the daemon: schedule, HTTP endpoint, systemd notify, signals."""
@@ -131,8 +143,20 @@ def _parse_date(value: str | None) -> dt.date | None:
         _fail(f"--date {value!r}: expected YYYY-MM-DD")
 
 
-@cli.command("run-once", epilog="Examples:\n\n\b\n  digestd run-once\n  digestd run-once --date 2026-11-24 --dry-run\n  digestd run-once --only ada@example.org")
-@click.option("--date", "date_", metavar="YYYY-MM-DD", help="Digest date (default: today in the configured timezone).")
+@cli.command(
+    "run-once",
+    epilog=_examples(
+        "digestd run-once",
+        "digestd run-once --date 2026-11-24 --dry-run",
+        "digestd run-once --only ada@example.org",
+    ),
+)
+@click.option(
+    "--date",
+    "date_",
+    metavar="YYYY-MM-DD",
+    help="Digest date (default: today in the configured timezone).",
+)
 @click.option("--dry-run", is_flag=True, help="Select and render, but send and record nothing.")
 @click.option("--only", metavar="EMAIL", help="Only this subscriber.")
 @pass_ctx
@@ -160,7 +184,8 @@ def run_once(ctx: Ctx, date_: str | None, dry_run: bool, only: str | None) -> No
     click.echo(
         f"{summary.state}: {summary.sent} sent, {summary.skipped} skipped, {summary.failed} failed,"
         f" {summary.deferred} deferred ({summary.fetched} papers, {summary.subscribers}"
-        f" subscribers, {summary.seconds:.1f} s)" + (f" — {summary.reason}" if summary.reason else "")
+        f" subscribers, {summary.seconds:.1f} s)"
+        + (f" — {summary.reason}" if summary.reason else "")
     )
     sys.exit(summary.exit_code)
 
@@ -184,23 +209,51 @@ def _validated(fn: Callable[[], T]) -> T:
 
 
 # ---------------------------------------------------------------------------- demo / preview
-@cli.command(epilog="Example:\n\n\b\n  digestd demo --outbox ./demo-outbox")
-@click.option("--outbox", default="demo-outbox", show_default=True, type=click.Path(path_type=Path), help="Maildir to write into.")
+@cli.command(
+    epilog=_examples(
+        "digestd demo --outbox ./demo-outbox",
+    )
+)
+@click.option(
+    "--outbox",
+    default="demo-outbox",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Maildir to write into.",
+)
 def demo(outbox: Path) -> None:
     """Run the whole job once on bundled sample papers and subscribers, with no network."""
     from . import logs
-    from .demo import run_demo
+    from .demo import prepare_outbox, print_report, run_demo
 
     logs.configure(json=False)
-    code = _run(run_demo(outbox))
-    sys.exit(code)
+    outbox = prepare_outbox(outbox)
+    summary = _run(run_demo(outbox))
+    print_report(outbox, summary)
+    sys.exit(summary.exit_code)
 
 
-@cli.command(epilog="Examples:\n\n\b\n  digestd preview ada@example.org --format text\n  digestd preview ada@example.org --format html --output /tmp/ada.html\n  digestd preview ada@example.org --date 2026-11-24 --format json")
+@cli.command(
+    epilog=_examples(
+        "digestd preview ada@example.org --format text",
+        "digestd preview ada@example.org --format html --output /tmp/ada.html",
+        "digestd preview ada@example.org --date 2026-11-24 --format json",
+    )
+)
 @click.argument("email")
 @click.option("--date", "date_", metavar="YYYY-MM-DD", help="Digest date (default: today).")
-@click.option("--format", "fmt", type=click.Choice(["html", "text", "eml", "json"]), default="text", show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE instead of stdout.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["html", "text", "eml", "json"]),
+    default="text",
+    show_default=True,
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to FILE instead of stdout.",
+)
 @pass_ctx
 def preview(ctx: Ctx, email: str, date_: str | None, fmt: str, output: Path | None) -> None:
     """Select and render one subscriber's digest, without sending or recording anything."""
@@ -227,23 +280,33 @@ def preview(ctx: Ctx, email: str, date_: str | None, fmt: str, output: Path | No
 
     digest, rendered = ctx.with_store(go)
     if fmt == "json":
-        out = json.dumps(
-            {
-                "email": digest.subscriber.email,
-                "date": digest.date.isoformat(),
-                "subject": rendered.subject,
-                "papers": [
-                    {"id": p.paper.id, "title": p.paper.title, "score": round(p.score, 4), "reasons": list(p.reasons)}
-                    for p in digest.picks
-                ],
-            },
-            ensure_ascii=False,
-            indent=2,
-        ) + "\n"
+        out = (
+            json.dumps(
+                {
+                    "email": digest.subscriber.email,
+                    "date": digest.date.isoformat(),
+                    "subject": rendered.subject,
+                    "papers": [
+                        {
+                            "id": p.paper.id,
+                            "title": p.paper.title,
+                            "score": round(p.score, 4),
+                            "reasons": list(p.reasons),
+                        }
+                        for p in digest.picks
+                    ],
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
+            + "\n"
+        )
     elif isinstance(rendered, str):
         _fail(f"no digest for {address} on {day}: {rendered}", EXIT_OK)
     else:
-        out = {"html": rendered.html, "text": rendered.text}.get(fmt) or rendered.message.decode("utf-8", "replace")
+        out = {"html": rendered.html, "text": rendered.text}.get(fmt) or rendered.message.decode(
+            "utf-8", "replace"
+        )
     if output is not None:
         output.write_text(out, encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
@@ -252,7 +315,11 @@ def preview(ctx: Ctx, email: str, date_: str | None, fmt: str, output: Path | No
 
 
 # ---------------------------------------------------------------------------- status / check-config
-@cli.command(epilog="Example:\n\n\b\n  digestd status --json")
+@cli.command(
+    epilog=_examples(
+        "digestd status --json",
+    )
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
 def status(ctx: Ctx, as_json: bool) -> None:
@@ -278,7 +345,8 @@ def status(ctx: Ctx, as_json: bool) -> None:
     click.echo("recent runs:")
     for r in info["runs"] or []:
         click.echo(
-            f"  #{r['id']} {r['digest_date']} {r['state']:<11} sent {r['sent']}, skipped {r['skipped']},"
+            f"  #{r['id']} {r['digest_date']} {r['state']:<11} sent {r['sent']},"
+            f" skipped {r['skipped']},"
             f" failed {r['failed']} ({r['seconds']:.1f} s) {r['started_at']}"
             + (f" — {r['reason']}" if r["reason"] else "")
         )
@@ -287,15 +355,26 @@ def status(ctx: Ctx, as_json: bool) -> None:
     if info["failures"]:
         click.echo("last failures:")
         for f in info["failures"]:
-            click.echo(f"  {f['digest_date']} {f['email']} {f['state']} (attempts {f['attempts']}): {f['reply']}")
+            click.echo(
+                f"  {f['digest_date']} {f['email']} {f['state']}"
+                f" (attempts {f['attempts']}): {f['reply']}"
+            )
 
 
 def _slots(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
 
-@cli.command("check-config", epilog="Examples:\n\n\b\n  digestd --config /etc/digestd/digestd.toml check-config\n  digestd check-config --connect")
-@click.option("--connect", is_flag=True, help="Also log in to the SMTP server over the configured TLS mode.")
+@cli.command(
+    "check-config",
+    epilog=_examples(
+        "digestd --config /etc/digestd/digestd.toml check-config",
+        "digestd check-config --connect",
+    ),
+)
+@click.option(
+    "--connect", is_flag=True, help="Also log in to the SMTP server over the configured TLS mode."
+)
 @pass_ctx
 def check_config(ctx: Ctx, connect: bool) -> None:
     """Validate the configuration (and, with --connect, the SMTP login)."""
@@ -327,16 +406,52 @@ def subscribers() -> None:
 def _pref_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--name", help="Display name."),
-        click.option("--keyword", "keywords", multiple=True, metavar="PHRASE", help="Interest phrase (repeatable)."),
-        click.option("--exclude", "exclude", multiple=True, metavar="PHRASE", help="Phrase that removes a paper (repeatable)."),
-        click.option("--category", "categories", multiple=True, metavar="CAT", help="arXiv category, e.g. cs.LG (repeatable)."),
-        click.option("--author", "authors", multiple=True, metavar="NAME", help="Followed author (repeatable)."),
-        click.option("--seed-paper", "seed_papers", multiple=True, metavar="ARXIV_ID", help="A paper you liked: more like this (repeatable)."),
-        click.option("--max-papers", type=int, metavar="N", help="At most N papers per digest (default 10)."),
-        click.option("--min-upvotes", type=int, metavar="N", help="Leave out papers with fewer upvotes."),
+        click.option(
+            "--keyword",
+            "keywords",
+            multiple=True,
+            metavar="PHRASE",
+            help="Interest phrase (repeatable).",
+        ),
+        click.option(
+            "--exclude",
+            "exclude",
+            multiple=True,
+            metavar="PHRASE",
+            help="Phrase that removes a paper (repeatable).",
+        ),
+        click.option(
+            "--category",
+            "categories",
+            multiple=True,
+            metavar="CAT",
+            help="arXiv category, e.g. cs.LG (repeatable).",
+        ),
+        click.option(
+            "--author",
+            "authors",
+            multiple=True,
+            metavar="NAME",
+            help="Followed author (repeatable).",
+        ),
+        click.option(
+            "--seed-paper",
+            "seed_papers",
+            multiple=True,
+            metavar="ARXIV_ID",
+            help="A paper you liked: more like this (repeatable).",
+        ),
+        click.option(
+            "--max-papers", type=int, metavar="N", help="At most N papers per digest (default 10)."
+        ),
+        click.option(
+            "--min-upvotes", type=int, metavar="N", help="Leave out papers with fewer upvotes."
+        ),
         click.option("--timezone", metavar="IANA", help="e.g. Europe/London."),
         click.option("--send-at", metavar="HH:MM", help="Local send time."),
-        click.option("--cadence", type=click.Choice(["daily", "weekdays", "weekly"]), help="How often."),
+        click.option(
+            "--cadence", type=click.Choice(["daily", "weekdays", "weekly"]), help="How often."
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -401,12 +516,18 @@ def _print_subscriber(sub: Subscriber, as_json: bool) -> None:
         click.echo(f"{key:<12} {value}")
 
 
-@subscribers.command("add", epilog="Example:\n\n\b\n  digestd subscribers add ada@example.org --name Ada \\\n      --keyword 'mixture of experts' --category cs.LG --max-papers 8")
+@subscribers.command(
+    "add",
+    epilog=_examples(
+        "digestd subscribers add ada@example.org --name Ada --keyword 'mixture of experts'",
+        "digestd subscribers add bob@example.org --category cs.LG --max-papers 8",
+    ),
+)
 @click.argument("email")
 @_pref_options
 @click.option("--json", "as_json", is_flag=True, help="Print the new subscriber as JSON.")
 @pass_ctx
-def sub_add(ctx: Ctx, email: str, as_json: bool, **opts: Any) -> None:
+def sub_add(ctx: Ctx, /, email: str, as_json: bool, **opts: Any) -> None:
     """Add a subscriber."""
     from .models import Preferences
     from .validation import check_name, check_preferences, normalize_email
@@ -427,13 +548,35 @@ def sub_add(ctx: Ctx, email: str, as_json: bool, **opts: Any) -> None:
         click.echo(f"added {sub.email}")
 
 
-@subscribers.command("set", epilog="Example:\n\n\b\n  digestd subscribers set ada@example.org --keyword 'state space model' --max-papers 5\n  digestd subscribers set ada@example.org --clear exclude")
+@subscribers.command(
+    "set",
+    epilog=_examples(
+        "digestd subscribers set ada@example.org --keyword 'state space model' --max-papers 5",
+        "digestd subscribers set ada@example.org --clear exclude",
+    ),
+)
 @click.argument("email")
 @_pref_options
-@click.option("--clear", multiple=True, type=click.Choice(["keywords", "exclude", "categories", "authors", "seed-papers", "min-upvotes", "timezone", "send-at"]), help="Clear a preference (repeatable).")
+@click.option(
+    "--clear",
+    multiple=True,
+    type=click.Choice(
+        [
+            "keywords",
+            "exclude",
+            "categories",
+            "authors",
+            "seed-papers",
+            "min-upvotes",
+            "timezone",
+            "send-at",
+        ]
+    ),
+    help="Clear a preference (repeatable).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_ctx
-def sub_set(ctx: Ctx, email: str, clear: tuple[str, ...], as_json: bool, **opts: Any) -> None:
+def sub_set(ctx: Ctx, /, email: str, clear: tuple[str, ...], as_json: bool, **opts: Any) -> None:
     """Change a subscriber's preferences. List options given replace the whole list."""
     from .validation import check_name, check_preferences, normalize_email
 
@@ -458,7 +601,12 @@ def sub_set(ctx: Ctx, email: str, clear: tuple[str, ...], as_json: bool, **opts:
         click.echo(f"updated {sub.email}")
 
 
-@subscribers.command("show", epilog="Example:\n\n\b\n  digestd subscribers show ada@example.org --json")
+@subscribers.command(
+    "show",
+    epilog=_examples(
+        "digestd subscribers show ada@example.org --json",
+    ),
+)
 @click.argument("email")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
@@ -471,7 +619,12 @@ def sub_show(ctx: Ctx, email: str, as_json: bool) -> None:
     _print_subscriber(sub, as_json)
 
 
-@subscribers.command("list", epilog="Example:\n\n\b\n  digestd subscribers list --json")
+@subscribers.command(
+    "list",
+    epilog=_examples(
+        "digestd subscribers list --json",
+    ),
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
 def sub_list(ctx: Ctx, as_json: bool) -> None:
@@ -480,17 +633,29 @@ def sub_list(ctx: Ctx, as_json: bool) -> None:
 
     subs = ctx.with_store(lambda store: store.list_subscribers())
     if as_json:
-        click.echo(json.dumps([{**subscriber_dict(s), "status": s.status} for s in subs], ensure_ascii=False, indent=2))
+        click.echo(
+            json.dumps(
+                [{**subscriber_dict(s), "status": s.status} for s in subs],
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
         return
     for s in subs:
-        interests = ", ".join((*s.prefs.keywords, *s.prefs.categories, *s.prefs.authors)) or "(everything)"
+        interests = (
+            ", ".join((*s.prefs.keywords, *s.prefs.categories, *s.prefs.authors)) or "(everything)"
+        )
         click.echo(f"{s.email:<40} {s.status:<12} {interests}")
     if not subs:
         click.echo("no subscribers", err=True)
 
 
 def _status_command(name: str, status: str, verb: str) -> None:
-    @subscribers.command(name, help=f"{verb.capitalize()} a subscriber.", epilog=f"Example:\n\n\b\n  digestd subscribers {name} ada@example.org")
+    @subscribers.command(
+        name,
+        help=f"{verb.capitalize()} a subscriber.",
+        epilog=f"Example:\n\n\b\n  digestd subscribers {name} ada@example.org",
+    )
     @click.argument("email")
     @pass_ctx
     def command(ctx: Ctx, email: str) -> None:
@@ -509,7 +674,12 @@ _status_command("pause", "paused", "paused")
 _status_command("resume", "active", "resumed")
 
 
-@subscribers.command("import", epilog="Example:\n\n\b\n  digestd subscribers import subscribers.toml --dry-run")
+@subscribers.command(
+    "import",
+    epilog=_examples(
+        "digestd subscribers import subscribers.toml --dry-run",
+    ),
+)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Validate and report, change nothing.")
 @pass_ctx
@@ -538,11 +708,20 @@ def sub_import(ctx: Ctx, file: Path, dry_run: bool) -> None:
 
     result = ctx.with_store(go)
     prefix = "would import" if dry_run else "imported"
-    click.echo(f"{prefix} {len(rows)} subscribers: {result['added']} added, {result['updated']} updated")
+    click.echo(
+        f"{prefix} {len(rows)} subscribers: {result['added']} added, {result['updated']} updated"
+    )
 
 
-@subscribers.command("export", epilog="Example:\n\n\b\n  digestd subscribers export --format toml > subscribers.toml")
-@click.option("--format", "fmt", type=click.Choice(["toml", "json"]), default="toml", show_default=True)
+@subscribers.command(
+    "export",
+    epilog=_examples(
+        "digestd subscribers export --format toml > subscribers.toml",
+    ),
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["toml", "json"]), default="toml", show_default=True
+)
 @pass_ctx
 def sub_export(ctx: Ctx, fmt: str) -> None:
     """Write every subscriber as a subscribers file (stdout)."""

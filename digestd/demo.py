@@ -15,7 +15,7 @@ import click
 
 from .config import settings_from_dict
 from .models import Preferences
-from .pipeline import run_once
+from .pipeline import RunSummary, run_once
 from .store import Store
 
 SAMPLE_PAPERS = Path(__file__).parent / "data" / "sample_papers.json"
@@ -49,21 +49,21 @@ SAMPLE_SUBSCRIBERS: tuple[tuple[str, str, Preferences], ...] = (
 )
 
 
-def _prepare_outbox(outbox: Path) -> None:
+def prepare_outbox(outbox: Path) -> Path:
     """Start from an empty outbox, but never delete a directory the demo did not create."""
     if outbox.exists():
         if not (outbox / MARKER).exists() and any(outbox.iterdir()):
-            raise click.ClickException(
+            raise click.UsageError(
                 f"{outbox} exists and was not made by the demo; choose another --outbox"
             )
         shutil.rmtree(outbox)
     outbox.mkdir(parents=True)
     (outbox / MARKER).write_text("made by `digestd demo`; safe to delete\n")
+    return outbox.resolve()
 
 
-async def run_demo(outbox: Path) -> int:
-    outbox = outbox.resolve()
-    _prepare_outbox(outbox)
+async def run_demo(outbox: Path) -> RunSummary:
+    """Deliver the sample digests into ``outbox``; the caller has made it empty."""
     with tempfile.TemporaryDirectory(prefix="digestd-demo-") as state:
         settings = settings_from_dict(
             {
@@ -74,7 +74,11 @@ async def run_demo(outbox: Path) -> int:
                     "postal_address": "digestd demo, 1 Example Street, Example City",
                 },
                 "store": {"path": str(Path(state) / "digestd.sqlite3")},
-                "delivery": {"transport": "maildir", "maildir": str(outbox), "write_html_copy": True},
+                "delivery": {
+                    "transport": "maildir",
+                    "maildir": str(outbox),
+                    "write_html_copy": True,
+                },
                 "sources": [{"kind": "file", "name": "sample", "path": str(SAMPLE_PAPERS)}],
             }
         )
@@ -82,7 +86,10 @@ async def run_demo(outbox: Path) -> int:
             for email, name, prefs in SAMPLE_SUBSCRIBERS:
                 await store.add_subscriber(email, name, prefs, consent_source="demo")
             today = dt.datetime.now(dt.UTC).date()
-            summary = await run_once(settings, store, today, trigger="demo")
+            return await run_once(settings, store, today, trigger="demo")
+
+
+def print_report(outbox: Path, summary: RunSummary) -> None:
     messages = sorted((outbox / "new").glob("*"))
     html = sorted(outbox.rglob("*.html"))
     click.echo("")
@@ -92,4 +99,3 @@ async def run_demo(outbox: Path) -> int:
         click.echo(f"  HTML copy: {path}")
     click.echo("Open an .html file in a browser (e.g. `xdg-open <file>`), or read the Maildir")
     click.echo(f"with `mutt -f {outbox}`; each file in new/ is a complete RFC 5322 message.")
-    return summary.exit_code

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from .config import Settings, read_secret
-from .errors import ConfigError, RenderError, SourceError
+from .errors import ConfigError, RenderError
 from .models import Delivery, Digest, Paper, RenderedDigest, Subscriber
 from .runlock import RunLock
 from .store import Store
@@ -69,15 +69,14 @@ def today_in(timezone: str, now: dt.datetime | None = None) -> dt.date:
 
 def due_on(subscriber: Subscriber, date: dt.date) -> bool:
     """Cadence: daily every day, weekdays Monday–Friday, weekly on Mondays."""
-    cadence = subscriber.prefs.cadence
-    if cadence == "weekdays":
-        return date.weekday() < 5
-    if cadence == "weekly":
-        return date.weekday() == 0
-    return True
+    from .schedule import cadence_due
+
+    return cadence_due(subscriber.prefs.cadence, date)
 
 
-async def fetch_papers(settings: Settings, date: dt.date) -> tuple[list[Paper], list[tuple[str, str]]]:
+async def fetch_papers(
+    settings: Settings, date: dt.date
+) -> tuple[list[Paper], list[tuple[str, str]]]:
     """Every configured source; failures are logged and returned, never raised."""
     from . import sources
 
@@ -95,9 +94,11 @@ async def fetch_papers(settings: Settings, date: dt.date) -> tuple[list[Paper], 
 
 
 class Engine:
-    """Selection and rendering for one run: the day's papers prepared once, templates loaded once."""
+    """Selection and rendering for one run: papers prepared once, templates loaded once."""
 
-    def __init__(self, settings: Settings, papers: Sequence[Paper], seen: Sequence[Paper], now: dt.datetime) -> None:
+    def __init__(
+        self, settings: Settings, papers: Sequence[Paper], seen: Sequence[Paper], now: dt.datetime
+    ) -> None:
         from .render import RenderContext, Renderer
         from .selection import prepare_day
 
@@ -107,7 +108,9 @@ class Engine:
         self.ctx = RenderContext.from_settings(settings, now)
         self._dkim_key: bytes | None = None
         if settings.dkim.enabled:
-            key = read_secret("dkim-private-key", settings.dkim.private_key_file, "DIGESTD_DKIM_KEY")
+            key = read_secret(
+                "dkim-private-key", settings.dkim.private_key_file, "DIGESTD_DKIM_KEY"
+            )
             if not key:
                 raise ConfigError("dkim.private_key_file: no DKIM private key found")
             self._dkim_key = key.encode()
@@ -118,8 +121,10 @@ class Engine:
         from .selection import empty_reason, select
 
         digest = select(self.day, subscriber, date, already_sent=already_sent, seeds=seeds)
-        reason = "" if digest.picks else empty_reason(
-            self.day, subscriber, already_sent=already_sent, seeds=seeds
+        reason = (
+            ""
+            if digest.picks
+            else empty_reason(self.day, subscriber, already_sent=already_sent, seeds=seeds)
         )
         return digest, reason
 
@@ -144,9 +149,7 @@ async def _seed_papers(store: Store, subscribers: Sequence[Subscriber]) -> dict[
     return await store.get_papers(ids) if ids else {}
 
 
-async def _subscriber_batches(
-    store: Store, only: str | None
-) -> AsyncIterator[list[Subscriber]]:
+async def _subscriber_batches(store: Store, only: str | None) -> AsyncIterator[list[Subscriber]]:
     if only is not None:
         sub = await store.get_subscriber(only)
         if sub.status == "active":
@@ -187,17 +190,41 @@ async def run_once(
     structlog.contextvars.bind_contextvars(digest_date=date.isoformat())
     try:
         if dry_run:
-            await _run(settings, store, date, summary, dry_run=True, only=only, papers=papers,
-                       now=now, stop=stop, progress=progress, retry_base=retry_base, run_id=None,
-                       include=include)
+            await _run(
+                settings,
+                store,
+                date,
+                summary,
+                dry_run=True,
+                only=only,
+                papers=papers,
+                now=now,
+                stop=stop,
+                progress=progress,
+                retry_base=retry_base,
+                run_id=None,
+                include=include,
+            )
         else:
             async with RunLock(store.path):
                 await store.mark_interrupted_runs()
                 run_id = await store.start_run(date, trigger)
                 try:
-                    await _run(settings, store, date, summary, dry_run=False, only=only,
-                               papers=papers, now=now, stop=stop, progress=progress,
-                               retry_base=retry_base, run_id=run_id, include=include)
+                    await _run(
+                        settings,
+                        store,
+                        date,
+                        summary,
+                        dry_run=False,
+                        only=only,
+                        papers=papers,
+                        now=now,
+                        stop=stop,
+                        progress=progress,
+                        retry_base=retry_base,
+                        run_id=run_id,
+                        include=include,
+                    )
                 except BaseException as exc:
                     summary.state = "failed"
                     summary.reason = summary.reason or f"{type(exc).__name__}: {exc}"
@@ -268,10 +295,11 @@ async def _run(
             await store.upsert_papers(fetched, now)
         seen = await store.recent_papers()
         engine = Engine(settings, fetched, seen, now)
-        sender = _Sender(settings, store, date, summary, transport, run_id, retry_base)
+        sender = _Sender(settings, store, date, summary, transport, run_id, retry_base, stop=stop)
         paper_ids = [p.id for p in fetched]
         async for batch in _subscriber_batches(store, only):
             if stop is not None and stop.is_set():
+                summary.state = "interrupted"
                 summary.reason = "stopped before every subscriber was processed"
                 break
             states = {} if dry_run else await store.ledger_states(date, [s.id for s in batch])
@@ -316,7 +344,10 @@ async def _run(
                 progress(f"{summary.subscribers} subscribers, {summary.sent} sent")
         if not dry_run:
             await sender.retry_deferred(stop)
-        if summary.failed or summary.deferred:
+        if sender.released:
+            summary.state = "interrupted"
+            summary.reason = f"stopped: {sender.released} digests left for the next run"
+        if summary.state != "interrupted" and (summary.failed or summary.deferred):
             summary.state = "partial"
             summary.reason = summary.reason or (
                 f"{summary.failed} failed, {summary.deferred} deferred"
@@ -338,8 +369,12 @@ class _Sender:
         transport: Any,
         run_id: int | None,
         retry_base: float | None,
+        *,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self.settings = settings
+        self.stop = stop
+        self.released = 0  # claimed, then not sent because of ``stop``
         self.store = store
         self.date = date
         self.summary = summary
@@ -359,13 +394,24 @@ class _Sender:
         todo = [m for m in messages if m.subscriber_id in claimed]
         self.summary.skipped += len(messages) - len(todo)
         limit = asyncio.Semaphore(self.settings.delivery.concurrency)
+        unsent: list[RenderedDigest] = []
 
         async def one(message: RenderedDigest) -> None:
+            # The slot is held until the reply is committed, so at most ``concurrency``
+            # messages are ever handed to the server without their outcome on disk: that
+            # bounds the duplicates a crash can cause.
             async with limit:
+                if self.stop is not None and self.stop.is_set():
+                    unsent.append(message)  # stopping: start no new transaction
+                    return
                 delivery = await self.transport.send(message, self.envelope_from)
-            await self._record(message, delivery, attempt=1)
+                await self._record(message, delivery, attempt=1)
 
         await asyncio.gather(*(one(m) for m in todo))
+        for message in unsent:
+            # Never handed to the server: back to pending for the next run.
+            await self.store.set_state(message.subscriber_id, self.date, "pending")
+        self.released += len(unsent)
 
     async def _record(self, message: RenderedDigest, delivery: Delivery, attempt: int) -> None:
         from .deliver import is_policy
@@ -373,7 +419,11 @@ class _Sender:
         max_attempts = self.settings.delivery.max_attempts
         state = delivery.state
         if state == "deferred" and attempt >= max_attempts:
-            delivery = replace(delivery, state="failed", reply=f"gave up after {attempt} attempts: {delivery.reply}")
+            delivery = replace(
+                delivery,
+                state="failed",
+                reply=f"gave up after {attempt} attempts: {delivery.reply}",
+            )
             state = "failed"
         await self.store.record(delivery)
         if state == "accepted":
@@ -381,7 +431,9 @@ class _Sender:
             self.deferred.pop(message.subscriber_id, None)
         elif state in ("deferred", "unknown"):
             self.deferred[message.subscriber_id] = (message, attempt)
-            log.warning("delivery deferred", email=message.email, reply=delivery.reply, attempt=attempt)
+            log.warning(
+                "delivery deferred", email=message.email, reply=delivery.reply, attempt=attempt
+            )
         else:
             self.deferred.pop(message.subscriber_id, None)
             self.summary.failed += 1
@@ -413,9 +465,15 @@ class _Sender:
             self.deferred.clear()
             for message, tries in batch:
                 if not await self.store.claim(
-                    message.subscriber_id, self.date, message.message_id, message.paper_ids, self.run_id
+                    message.subscriber_id,
+                    self.date,
+                    message.message_id,
+                    message.paper_ids,
+                    self.run_id,
                 ):
                     continue
                 delivery = await self.transport.send(message, self.envelope_from)
-                await self._record(message, replace(delivery, attempts=tries + 1), attempt=tries + 1)
+                await self._record(
+                    message, replace(delivery, attempts=tries + 1), attempt=tries + 1
+                )
         self.summary.deferred = len(self.deferred)

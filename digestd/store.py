@@ -15,6 +15,7 @@ recorded in ``papers_sent`` in the same transaction that marks its digest accept
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import json
 import os
 import secrets
@@ -29,6 +30,9 @@ import aiosqlite
 
 from .errors import NotFoundError, StoreError, ValidationError
 from .models import Delivery, DeliveryState, Paper, Preferences, Subscriber
+
+# find_by_token: how many leading token characters are looked up through the index.
+TOKEN_SELECTOR = 8
 
 INTEREST_KINDS = {
     "keywords": "keyword",
@@ -51,7 +55,8 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             email          TEXT NOT NULL UNIQUE COLLATE NOCASE,
             name           TEXT NOT NULL DEFAULT '',
             status         TEXT NOT NULL DEFAULT 'active'
-                           CHECK (status IN ('active','paused','unsubscribed','suppressed','pending')),
+                           CHECK (status IN ('active','paused','unsubscribed',
+                                             'suppressed','pending')),
             status_reason  TEXT NOT NULL DEFAULT '',
             token          TEXT NOT NULL UNIQUE,
             consent_at     TEXT,
@@ -224,7 +229,8 @@ class Store:
         """Apply pending named migrations; return the names applied now."""
         db = self._db
         await db.execute(
-            "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+            "CREATE TABLE IF NOT EXISTS _migrations"
+            " (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
         )
         applied = {row[0] async for row in await db.execute("SELECT name FROM _migrations")}
         done: list[str] = []
@@ -270,9 +276,7 @@ class Store:
             row = await cur.fetchone()
             if row is None:
                 value = secrets.token_hex(nbytes)
-                await self._db.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)", (key, value)
-                )
+                await self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
             else:
                 value = row[0]
         return bytes.fromhex(value)
@@ -334,8 +338,14 @@ class Store:
             " max_papers = excluded.max_papers, min_upvotes = excluded.min_upvotes,"
             " timezone = excluded.timezone, send_at = excluded.send_at,"
             " cadence = excluded.cadence",
-            (sub_id, prefs.max_papers, prefs.min_upvotes, prefs.timezone, prefs.send_at,
-             prefs.cadence),
+            (
+                sub_id,
+                prefs.max_papers,
+                prefs.min_upvotes,
+                prefs.timezone,
+                prefs.send_at,
+                prefs.cadence,
+            ),
         )
         await db.execute("DELETE FROM interests WHERE subscriber_id = ?", (sub_id,))
         rows = [
@@ -390,7 +400,9 @@ class Store:
         async with self.transaction():
             await self._set_status(subscriber_id, "suppressed", reason, utcnow())
 
-    async def unsubscribe_by_token(self, token: str, reason: str = "one-click") -> Subscriber | None:
+    async def unsubscribe_by_token(
+        self, token: str, reason: str = "one-click"
+    ) -> Subscriber | None:
         """Mark the token's subscriber unsubscribed (idempotent); None for an unknown token."""
         async with self.transaction():
             cur = await self._db.execute("SELECT email FROM subscribers WHERE token = ?", (token,))
@@ -408,6 +420,84 @@ class Store:
         cur = await self._db.execute("SELECT email FROM subscribers WHERE token = ?", (token,))
         row = await cur.fetchone()
         return None if row is None else await self.get_subscriber(str(row[0]))
+
+    # ------------------------------------------------------------------ web links (web.py)
+    async def find_by_token(self, token: str) -> Subscriber | None:
+        """The token's subscriber, without leaking through timing how much of a guess matched.
+
+        A plain ``WHERE token = ?`` walks the unique index comparing bytes, and stops at the
+        first difference: in principle the response time tells a guesser how many leading
+        characters were right. Instead the index is searched only for the token's first
+        :data:`TOKEN_SELECTOR` characters (a range scan), and each candidate's whole token is
+        then compared with :func:`hmac.compare_digest`, whose time does not depend on where
+        the strings differ. Timing can reveal at most the selector (48 bits); the remaining
+        ≥ 144 bits of a 192-bit token are only ever compared in constant time.
+        """
+        if len(token) <= TOKEN_SELECTOR or not token.isascii():
+            return None
+        selector = token[:TOKEN_SELECTOR]
+        cur = await self._db.execute(
+            "SELECT email, token FROM subscribers WHERE token >= ? AND token < ? LIMIT 16",
+            (selector, selector + "\x7f"),
+        )
+        found: str | None = None
+        for email, stored in await cur.fetchall():
+            # Every candidate is compared (no early exit), and compare_digest is constant-time.
+            if hmac.compare_digest(str(stored).encode(), token.encode()):
+                found = str(email)
+        return None if found is None else await self.get_subscriber(found)
+
+    async def activate_with_consent(
+        self,
+        email: str,
+        source: str,
+        *,
+        allowed_from: Sequence[str] = ("pending",),
+        issued_at: dt.datetime | None = None,
+        now: dt.datetime | None = None,
+    ) -> str:
+        """Make a subscriber active, recording when and how they consented.
+
+        Only from a status in ``allowed_from``. For an 'unsubscribed' subscriber,
+        ``issued_at`` (when the confirmation was sent) must not be older than their last
+        change, so an old confirmation link cannot undo a later unsubscribe.
+        Returns ``"activated"``, ``"already"`` (already active), ``"refused"`` or ``"missing"``.
+        """
+        stamp = now or utcnow()
+        async with self.transaction():
+            cur = await self._db.execute(
+                "SELECT id, status, updated_at FROM subscribers WHERE email = ?", (email,)
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return "missing"
+            sub_id, status, updated_at = int(row[0]), str(row[1]), str(row[2])
+            if status == "active":
+                return "already"
+            if status not in allowed_from:
+                return "refused"
+            if (
+                status == "unsubscribed"
+                and issued_at is not None
+                and issued_at < dt.datetime.fromisoformat(updated_at)
+            ):
+                return "refused"
+            await self._db.execute(
+                "UPDATE subscribers SET status = 'active', status_reason = '', consent_at = ?,"
+                " consent_source = ?, updated_at = ? WHERE id = ?",
+                (_iso(stamp), source, _iso(stamp), sub_id),
+            )
+        return "activated"
+
+    async def consent_of(self, email: str) -> tuple[dt.datetime | None, str]:
+        """(consent time, consent source) of a subscriber."""
+        cur = await self._db.execute(
+            "SELECT consent_at, consent_source FROM subscribers WHERE email = ?", (email,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFoundError(f"no subscriber {email!r}")
+        return (dt.datetime.fromisoformat(row[0]) if row[0] else None, str(row[1]))
 
     async def remove_subscriber(self, email: str) -> None:
         async with self.transaction():
@@ -446,6 +536,38 @@ class Store:
             yield subs
             last = subs[-1].id
 
+    async def delivery_slots(self) -> list[tuple[str | None, str | None, str]]:
+        """Distinct (timezone, send_at, cadence) of active subscribers; None = the default."""
+        cur = await self._db.execute(
+            "SELECT DISTINCT p.timezone, p.send_at, p.cadence FROM subscribers s"
+            " JOIN preferences p ON p.subscriber_id = s.id WHERE s.status = 'active'"
+        )
+        return [(row[0], row[1], str(row[2])) for row in await cur.fetchall()]
+
+    async def slot_progress(
+        self,
+        digest_date: dt.date,
+        slot: tuple[str, str, str],
+        defaults: tuple[str, str],
+    ) -> tuple[int, int]:
+        """(active subscribers in the slot, of whom have a final ledger row on that date).
+
+        ``slot`` is (timezone, send_at, cadence) with the defaults already applied; a NULL
+        timezone/send_at in preferences means ``defaults`` (timezone, send_at).
+        """
+        timezone, send_at, cadence = slot
+        cur = await self._db.execute(
+            "SELECT COUNT(*), COUNT(d.subscriber_id) FROM subscribers s"
+            " JOIN preferences p ON p.subscriber_id = s.id"
+            " LEFT JOIN deliveries d ON d.subscriber_id = s.id AND d.digest_date = ?"
+            "  AND d.state IN ('accepted', 'failed', 'suppressed')"
+            " WHERE s.status = 'active' AND COALESCE(p.timezone, ?) = ?"
+            " AND COALESCE(p.send_at, ?) = ? AND p.cadence = ?",
+            (digest_date.isoformat(), defaults[0], timezone, defaults[1], send_at, cadence),
+        )
+        row = await cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
     async def count_subscribers(self) -> dict[str, int]:
         cur = await self._db.execute("SELECT status, COUNT(*) FROM subscribers GROUP BY status")
         return {str(status): int(n) for status, n in await cur.fetchall()}
@@ -454,8 +576,7 @@ class Store:
         sql = (
             "SELECT s.id, s.email, s.name, s.status, s.token, s.created_at, p.max_papers,"
             " p.min_upvotes, p.timezone, p.send_at, p.cadence FROM subscribers s"
-            " JOIN preferences p ON p.subscriber_id = s.id "
-            + where
+            " JOIN preferences p ON p.subscriber_id = s.id " + where
         )
         if "ORDER BY" not in where:
             sql += " ORDER BY s.id"
@@ -693,12 +814,12 @@ class Store:
                     claimed.add(sub_id)
         return claimed
 
-    async def record(self, delivery: Delivery, *, next_attempt_at: dt.datetime | None = None) -> None:
+    async def record(
+        self, delivery: Delivery, *, next_attempt_at: dt.datetime | None = None
+    ) -> None:
         await self.record_many([(delivery, next_attempt_at)])
 
-    async def record_many(
-        self, results: Sequence[tuple[Delivery, dt.datetime | None]]
-    ) -> None:
+    async def record_many(self, results: Sequence[tuple[Delivery, dt.datetime | None]]) -> None:
         """Commit the server's replies; accepted digests add their papers to papers_sent."""
         stamp = _iso(utcnow())
         async with self.transaction():

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURES
 
 from digestd.cli import cli
+
+PAPERS = FIXTURES / "hf" / "daily_papers_month-2025-11_items-for-2025-11-07_final.json"
 
 
 @pytest.fixture
@@ -21,10 +24,10 @@ def config(tmp_path: Path) -> Path:
 [digest]
 from_address = "papers@example.org"
 [store]
-path = "{tmp_path / 'd.sqlite3'}"
+path = "{tmp_path / "d.sqlite3"}"
 [[sources]]
 kind = "file"
-path = "{Path(__file__).parent / 'fixtures/hf/daily_papers_month-2025-11_items-for-2025-11-07_final.json'}"
+path = "{PAPERS}"
 """
     )
     return path
@@ -37,31 +40,82 @@ def invoke(config: Path, *args: str) -> tuple[int, str, str]:
 
 def test_add_show_list_set_pause_resume_remove(config: Path) -> None:
     """The whole subscriber life cycle, with --json output checked."""
-    code, out, err = invoke(config, "subscribers", "add", "ada@example.org", "--name", "Ada",
-                            "--keyword", "mixture of experts", "--keyword", "state space model",
-                            "--exclude", "survey", "--category", "cs.LG", "--author", "Ada Lovelace",
-                            "--max-papers", "8", "--min-upvotes", "2", "--timezone", "Europe/London",
-                            "--send-at", "07:30", "--cadence", "weekdays")
+    code, out, err = invoke(
+        config,
+        "subscribers",
+        "add",
+        "ada@example.org",
+        "--name",
+        "Ada",
+        "--keyword",
+        "mixture of experts",
+        "--keyword",
+        "state space model",
+        "--exclude",
+        "survey",
+        "--category",
+        "cs.LG",
+        "--author",
+        "Ada Lovelace",
+        "--max-papers",
+        "8",
+        "--min-upvotes",
+        "2",
+        "--timezone",
+        "Europe/London",
+        "--send-at",
+        "07:30",
+        "--cadence",
+        "weekdays",
+    )
     assert code == 0, err
     code, out, _ = invoke(config, "subscribers", "show", "ada@example.org", "--json")
     data = json.loads(out)
     assert data == {
-        "email": "ada@example.org", "name": "Ada",
-        "keywords": ["mixture of experts", "state space model"], "exclude": ["survey"],
-        "categories": ["cs.LG"], "authors": ["Ada Lovelace"], "seed_papers": [],
-        "max_papers": 8, "min_upvotes": 2, "timezone": "Europe/London", "send_at": "07:30",
-        "cadence": "weekdays", "status": "active",
+        "email": "ada@example.org",
+        "name": "Ada",
+        "keywords": ["mixture of experts", "state space model"],
+        "exclude": ["survey"],
+        "categories": ["cs.LG"],
+        "authors": ["Ada Lovelace"],
+        "seed_papers": [],
+        "max_papers": 8,
+        "min_upvotes": 2,
+        "timezone": "Europe/London",
+        "send_at": "07:30",
+        "cadence": "weekdays",
+        "status": "active",
     }
-    assert invoke(config, "subscribers", "set", "ada@example.org", "--keyword", "diffusion",
-                  "--max-papers", "3", "--clear", "exclude")[0] == 0
+    assert (
+        invoke(
+            config,
+            "subscribers",
+            "set",
+            "ada@example.org",
+            "--keyword",
+            "diffusion",
+            "--max-papers",
+            "3",
+            "--clear",
+            "exclude",
+        )[0]
+        == 0
+    )
     data = json.loads(invoke(config, "subscribers", "show", "ada@example.org", "--json")[1])
     assert (data["keywords"], data["max_papers"], data["exclude"], data["categories"]) == (
-        ["diffusion"], 3, [], ["cs.LG"])
+        ["diffusion"],
+        3,
+        [],
+        ["cs.LG"],
+    )
     assert invoke(config, "subscribers", "pause", "ada@example.org")[0] == 0
     listed = json.loads(invoke(config, "subscribers", "list", "--json")[1])
     assert [(s["email"], s["status"]) for s in listed] == [("ada@example.org", "paused")]
     assert invoke(config, "subscribers", "resume", "ada@example.org")[0] == 0
-    assert json.loads(invoke(config, "subscribers", "show", "ada@example.org", "--json")[1])["status"] == "active"
+    assert (
+        json.loads(invoke(config, "subscribers", "show", "ada@example.org", "--json")[1])["status"]
+        == "active"
+    )
     assert invoke(config, "subscribers", "remove", "ada@example.org")[0] == 0
     code, _, err = invoke(config, "subscribers", "show", "ada@example.org")
     assert code == 2 and "no subscriber" in err
@@ -82,7 +136,9 @@ def test_add_show_list_set_pause_resume_remove(config: Path) -> None:
         (["a@example.org", "--keyword", "x" * 5000], "longer than"),
     ],
 )
-def test_invalid_add_exits_2_and_changes_nothing(config: Path, args: list[str], message: str) -> None:
+def test_invalid_add_exits_2_and_changes_nothing(
+    config: Path, args: list[str], message: str
+) -> None:
     """Each invalid value exits 2 naming the problem; no subscriber is created."""
     code, _, err = invoke(config, "subscribers", "add", *args)
     assert code == 2
@@ -109,7 +165,9 @@ def test_seed_paper_known_in_store_is_accepted(config: Path, tmp_path: Path) -> 
             await store.upsert_papers([Paper(id="2511.04570", title="T", abstract="A")])
 
     asyncio.run(seed())
-    code, _, err = invoke(config, "subscribers", "add", "a@example.org", "--seed-paper", "arXiv:2511.04570v1")
+    code, _, err = invoke(
+        config, "subscribers", "add", "a@example.org", "--seed-paper", "arXiv:2511.04570v1"
+    )
     assert code == 0, err
     data = json.loads(invoke(config, "subscribers", "show", "a@example.org", "--json")[1])
     assert data["seed_papers"] == ["2511.04570"]
@@ -151,7 +209,7 @@ def test_import_export_round_trip(config: Path, tmp_path: Path) -> None:
 
 
 def test_import_reports_every_bad_row_and_imports_nothing(config: Path, tmp_path: Path) -> None:
-    """All-or-nothing: three bad rows are each reported with their line; the good row is not added."""
+    """All or nothing: each bad row is reported with its line; the good rows are not added."""
     src = tmp_path / "subs.toml"
     src.write_text(
         IMPORT_OK
@@ -187,7 +245,8 @@ def test_import_dry_run_and_garbage(config: Path, tmp_path: Path) -> None:
 def test_every_command_has_help_with_an_example(config: Path) -> None:
     """`--help` of every command shows an Example."""
     commands = [["run"], ["run-once"], ["demo"], ["preview"], ["status"], ["check-config"]] + [
-        ["subscribers", c] for c in ("add", "set", "show", "list", "remove", "pause", "resume", "import", "export")
+        ["subscribers", c]
+        for c in ("add", "set", "show", "list", "remove", "pause", "resume", "import", "export")
     ]
     for command in commands:
         result = CliRunner().invoke(cli, [*command, "--help"])
@@ -197,11 +256,23 @@ def test_every_command_has_help_with_an_example(config: Path) -> None:
 
 def test_subprocess_python_m_and_bad_config(tmp_path: Path) -> None:
     """`python -m digestd` works and a missing config exits 2 with one line."""
-    proc = subprocess.run([sys.executable, "-m", "digestd", "--help"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "digestd", "--help"], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0 and "run-once" in proc.stdout
     proc = subprocess.run(
-        [sys.executable, "-m", "digestd", "--config", str(tmp_path / "none.toml"), "subscribers", "list"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "digestd",
+            "--config",
+            str(tmp_path / "none.toml"),
+            "subscribers",
+            "list",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2
     assert "not found" in proc.stderr and "Traceback" not in proc.stderr

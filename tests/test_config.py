@@ -77,13 +77,31 @@ def test_bad_environment_value_is_reported(tmp_path: Path, monkeypatch: pytest.M
         ("[digest]\nfrom_address='a@example.org'\ntimezone='Mars/Base'", "digest.timezone: "),
         ("[digest]\nfrom_address='a@example.org'\nsend_at='25:00'", "digest.send_at: "),
         ("[digest]\nfrom_address='a@example.org'\nbase_url='ftp://x'", "digest.base_url: "),
-        ('[digest]\nfrom_address="a@example.org"\nfrom_name="a\\r\\nBcc: x@evil"', "digest.from_name: "),
-        ("[digest]\nfrom_address='a@example.org'\n[[sources]]\nkind='arxiv'", "sources[0].categories: required"),
-        ("[digest]\nfrom_address='a@example.org'\n[[sources]]\nkind='nope'", "sources[0].kind: 'nope' is not one of"),
-        ("[digest]\nfrom_address='a@example.org'\n[[sources]]\nkind='file'\npath='x'\nurl='y'", "sources[0].url: unknown key"),
-        ("[digest]\nfrom_address='a@example.org'\n[delivery]\ntransport='pigeon'", "delivery.transport: "),
+        (
+            '[digest]\nfrom_address="a@example.org"\nfrom_name="a\\r\\nBcc: x@evil"',
+            "digest.from_name: ",
+        ),
+        (
+            "[digest]\nfrom_address='a@example.org'\n[[sources]]\nkind='arxiv'",
+            "sources[0].categories: required",
+        ),
+        (
+            "[digest]\nfrom_address='a@example.org'\n[[sources]]\nkind='nope'",
+            "sources[0].kind: 'nope' is not one of",
+        ),
+        (
+            "[digest]\nfrom_address='a@example.org'\n[[sources]]\nkind='file'\npath='x'\nurl='y'",
+            "sources[0].url: unknown key",
+        ),
+        (
+            "[digest]\nfrom_address='a@example.org'\n[delivery]\ntransport='pigeon'",
+            "delivery.transport: ",
+        ),
         ("[digest]\nfrom_address='a@example.org'\n[http]\nlisten='nowhere'", "http.listen: "),
-        ("[digest]\nfrom_address='a@example.org'\n[dkim]\ndomain='example.org'\nselector='s'", "dkim.private_key_file is required"),
+        (
+            "[digest]\nfrom_address='a@example.org'\n[dkim]\ndomain='example.org'\nselector='s'",
+            "dkim.private_key_file is required",
+        ),
     ],
 )
 def test_bad_config_names_file_key_and_problem(tmp_path: Path, text: str, expected: str) -> None:
@@ -128,7 +146,9 @@ def test_check_config_exit_codes_as_subprocess(tmp_path: Path) -> None:
     bad = write(tmp_path, "[digest]\nfrom_address='a@example.org'\n[smtp]\nport='x'\n")
     proc = subprocess.run(
         [sys.executable, "-m", "digestd", "--config", str(bad), "check-config"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -49,9 +49,18 @@ async def test_not_a_database_is_a_clean_error(tmp_path: Path) -> None:
 
 async def test_subscriber_round_trip(tmp_path: Path) -> None:
     """Preferences survive a write and a read, lists in order."""
-    prefs = Preferences(keywords=("b", "a"), exclude=("survey",), categories=("cs.LG",),
-                        authors=("Ada Lovelace",), seed_papers=("2511.04570",), max_papers=8,
-                        min_upvotes=3, timezone="Europe/London", send_at="07:30", cadence="weekdays")
+    prefs = Preferences(
+        keywords=("b", "a"),
+        exclude=("survey",),
+        categories=("cs.LG",),
+        authors=("Ada Lovelace",),
+        seed_papers=("2511.04570",),
+        max_papers=8,
+        min_upvotes=3,
+        timezone="Europe/London",
+        send_at="07:30",
+        cadence="weekdays",
+    )
     async with Store.open(tmp_path / "d.sqlite3") as store:
         sub = await store.add_subscriber("ada@example.org", "Ada", prefs)
         assert sub.prefs == prefs
@@ -80,7 +89,9 @@ async def test_ledger_claim_record_and_never_twice(tmp_path: Path) -> None:
         sub = await store.add_subscriber("a@example.org")
         assert await store.claim(sub.id, DAY, "<m@x>", ("p1", "p2"), None)
         assert (await store.ledger_states(DAY, [sub.id]))[sub.id] == ("sending", 1)
-        await store.record(Delivery(sub.id, sub.email, DAY, "<m@x>", "accepted", "250 ok", ("p1", "p2")))
+        await store.record(
+            Delivery(sub.id, sub.email, DAY, "<m@x>", "accepted", "250 ok", ("p1", "p2"))
+        )
         assert not await store.claim(sub.id, DAY, "<m@x>", ("p1",), None)
         assert await store.sent_papers([sub.id], ["p1", "p2", "p3"]) == {sub.id: {"p1", "p2"}}
 
@@ -94,7 +105,10 @@ async def test_deferred_and_crashed_rows_are_retried(tmp_path: Path) -> None:
         await store.record(Delivery(a.id, a.email, DAY, "<a@x>", "deferred", "451 later"))
         await store.claim(b.id, DAY, "<b@x>", (), None)  # then the process dies
     async with Store.open(tmp_path / "d.sqlite3") as store:
-        assert await store.claim_many([(a.id, "<a@x>", ()), (b.id, "<b@x>", ())], DAY, None) == {a.id, b.id}
+        assert await store.claim_many([(a.id, "<a@x>", ()), (b.id, "<b@x>", ())], DAY, None) == {
+            a.id,
+            b.id,
+        }
         states = await store.ledger_states(DAY, [a.id, b.id])
         assert states == {a.id: ("sending", 2), b.id: ("sending", 2)}
 
@@ -124,8 +138,14 @@ async def test_unsubscribe_by_token_idempotent(tmp_path: Path) -> None:
 
 async def test_papers_round_trip_and_secret(tmp_path: Path) -> None:
     """Papers (with unicode and dates) survive the store; secrets are stable."""
-    paper = Paper(id="2511.04570", title="Thinking with Vídeo 🎥", abstract="a" * 5000,
-                  authors=("Ada",), upvotes=3, published=dt.datetime(2025, 11, 7, tzinfo=dt.UTC))
+    paper = Paper(
+        id="2511.04570",
+        title="Thinking with Vídeo 🎥",
+        abstract="a" * 5000,
+        authors=("Ada",),
+        upvotes=3,
+        published=dt.datetime(2025, 11, 7, tzinfo=dt.UTC),
+    )
     async with Store.open(tmp_path / "d.sqlite3") as store:
         await store.upsert_papers([paper])
         assert (await store.get_papers(["2511.04570", "missing"])) == {"2511.04570": paper}
@@ -140,7 +160,13 @@ async def test_import_is_all_or_nothing(tmp_path: Path) -> None:
         assert await store.replace_all(rows, dry_run=True) == {"added": 2, "updated": 0}
         assert await store.list_subscribers() == []
         await store.replace_all(rows)
-        bad = [("c@example.org", "C", Preferences()), ("d@example.org", "D", Preferences(cadence="hourly"))]  # type: ignore[arg-type]
+        bad = [
+            ("c@example.org", "C", Preferences()),
+            ("d@example.org", "D", Preferences(cadence="hourly")),
+        ]  # type: ignore[arg-type]
         with pytest.raises(sqlite3.IntegrityError):
             await store.replace_all(bad)
-        assert [s.email for s in await store.list_subscribers()] == ["a@example.org", "b@example.org"]
+        assert [s.email for s in await store.list_subscribers()] == [
+            "a@example.org",
+            "b@example.org",
+        ]
