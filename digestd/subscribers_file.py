@@ -18,10 +18,22 @@ from .validation import check_name, check_preferences, normalize_email
 
 MAX_FILE_BYTES = 20_000_000
 MAX_ROWS = 200_000
-ROW_KEYS = ("email", "name", *(
-    "keywords", "exclude", "categories", "authors", "seed_papers", "max_papers",
-    "min_upvotes", "timezone", "send_at", "cadence",
-))
+ROW_KEYS = (
+    "email",
+    "name",
+    *(
+        "keywords",
+        "exclude",
+        "categories",
+        "authors",
+        "seed_papers",
+        "max_papers",
+        "min_upvotes",
+        "timezone",
+        "send_at",
+        "cadence",
+    ),
+)
 _HEADER = re.compile(r"^[ \t]*\[\[[ \t]*subscriber[ \t]*\]\]", re.MULTILINE)
 
 
