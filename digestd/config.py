@@ -215,6 +215,17 @@ class Settings(BaseSettings):
             raise ValueError("dkim.private_key_file is required when dkim.domain is set")
         return self
 
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"two sources are named {dupes[0]!r}; give each [[sources]] its own name"
+            )
+        return sources
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -1,15 +1,15 @@
 """digestd's exceptions, in one small tree::
 
-    DigestdError
-    ├── ConfigError            bad configuration (exit 2); names the file, the key, the problem
-    ├── ValidationError        bad subscriber data (exit 2); ``problems`` lists each one
-    ├── NotFoundError          an unknown subscriber or paper (exit 2)
-    ├── StoreError             the SQLite store cannot be used (exit 1)
-    ├── SourceError            one paper source failed (the run goes on with the others)
-    │   └── PayloadError       a source answered, but with something we cannot use
-    ├── RenderError            a digest could not be rendered (that subscriber only)
-    └── DeliveryError          the transport failed
-        └── TransportSetupError   login / TLS / connection failed before sending anything
+DigestdError
+├── ConfigError            bad configuration (exit 2); names the file, the key, the problem
+├── ValidationError        bad subscriber data (exit 2); ``problems`` lists each one
+├── NotFoundError          an unknown subscriber or paper (exit 2)
+├── StoreError             the SQLite store cannot be used (exit 1)
+├── SourceError            one paper source failed (the run goes on with the others)
+│   └── PayloadError       a source answered, but with something we cannot use
+├── RenderError            a digest could not be rendered (that subscriber only)
+└── DeliveryError          the transport failed
+    └── TransportSetupError   login / TLS / connection failed before sending anything
 """
 
 from __future__ import annotations
