@@ -94,6 +94,11 @@ def test_bad_environment_value_is_reported(tmp_path: Path, monkeypatch: pytest.M
             "sources[0].url: unknown key",
         ),
         (
+            "[digest]\nfrom_address='a@example.org'\n[[sources]]\nkind='feed'\nurl='https://a'"
+            "\n[[sources]]\nkind='feed'\nurl='https://b'",
+            "sources: two sources are named 'feed'",
+        ),
+        (
             "[digest]\nfrom_address='a@example.org'\n[delivery]\ntransport='pigeon'",
             "delivery.transport: ",
         ),
