@@ -14,6 +14,7 @@ recorded in ``papers_sent`` in the same transaction that marks its digest accept
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hmac
 import json
@@ -199,6 +200,9 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self.path = path
+        # One connection, many tasks (the sender records replies concurrently): transactions
+        # must not interleave, or SQLite refuses "a transaction within a transaction".
+        self._tx_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -259,13 +263,14 @@ class Store:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
-        await self._db.execute("COMMIT")
+        async with self._tx_lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
 
     # ------------------------------------------------------------------ meta / secrets
     async def secret(self, name: str, nbytes: int = 32) -> bytes:
@@ -459,8 +464,8 @@ class Store:
         """Make a subscriber active, recording when and how they consented.
 
         Only from a status in ``allowed_from``. For an 'unsubscribed' subscriber,
-        ``issued_at`` (when the confirmation was sent) must not be older than their last
-        change, so an old confirmation link cannot undo a later unsubscribe.
+        ``issued_at`` (when the confirmation was sent) must be later than their last change,
+        so an old confirmation link cannot undo a later unsubscribe.
         Returns ``"activated"``, ``"already"`` (already active), ``"refused"`` or ``"missing"``.
         """
         stamp = now or utcnow()
@@ -479,7 +484,7 @@ class Store:
             if (
                 status == "unsubscribed"
                 and issued_at is not None
-                and issued_at < dt.datetime.fromisoformat(updated_at)
+                and issued_at <= dt.datetime.fromisoformat(updated_at)
             ):
                 return "refused"
             await self._db.execute(
@@ -627,6 +632,12 @@ class Store:
         self, entries: Sequence[tuple[str, str, Preferences]], *, dry_run: bool = False
     ) -> dict[str, int]:
         """Import: upsert every (email, name, prefs) in one transaction (all or nothing)."""
+        async with self._tx_lock:
+            return await self._replace_all(entries, dry_run)
+
+    async def _replace_all(
+        self, entries: Sequence[tuple[str, str, Preferences]], dry_run: bool
+    ) -> dict[str, int]:
         added = updated = 0
         await self._db.execute("BEGIN IMMEDIATE")
         try:
