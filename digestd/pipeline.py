@@ -13,13 +13,13 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import structlog
 
 from .config import Settings, read_secret
-from .errors import ConfigError, RenderError
+from .errors import ConfigError
 from .models import Delivery, Digest, Paper, RenderedDigest, Subscriber
 from .runlock import RunLock
 from .store import Store
@@ -27,6 +27,8 @@ from .store import Store
 log = structlog.get_logger(__name__)
 
 SUBSCRIBER_BATCH = 500
+# This many 5.7.x (policy) rejections in a row pause the run: nothing more is sent.
+POLICY_PAUSE_AFTER = 5
 # Keep a deferred digest's retries well inside the day so they never meet the next digest.
 MAX_RETRY_WINDOW = dt.timedelta(hours=12)
 Progress = Callable[[str], None]
@@ -181,9 +183,11 @@ async def run_once(
     progress: Progress | None = None,
     retry_base: float | None = None,
     include: Callable[[Subscriber], bool] | None = None,
+    why: str = "",
 ) -> RunSummary:
     """One pass for ``date``. ``papers`` bypasses the sources (demo, tests); ``include``
-    limits the pass to the subscribers it accepts (the daemon's per-timezone slots)."""
+    limits the pass to the subscribers it accepts (the daemon's per-timezone slots);
+    ``why`` is recorded with the run (e.g. the reason for a catch-up)."""
     started = time.monotonic()
     summary = RunSummary(date=date)
     now = now or dt.datetime.now(dt.UTC)
@@ -232,7 +236,12 @@ async def run_once(
                 finally:
                     summary.seconds = round(time.monotonic() - started, 3)
                     await asyncio.shield(
-                        store.finish_run(run_id, summary.state, summary.counts(), summary.reason)
+                        store.finish_run(
+                            run_id,
+                            summary.state,
+                            summary.counts(),
+                            "; ".join(r for r in (why, summary.reason) if r),
+                        )
                     )
     finally:
         summary.seconds = round(time.monotonic() - started, 3)
@@ -298,6 +307,8 @@ async def _run(
         sender = _Sender(settings, store, date, summary, transport, run_id, retry_base, stop=stop)
         paper_ids = [p.id for p in fetched]
         async for batch in _subscriber_batches(store, only):
+            if sender.paused_reason:
+                break
             if stop is not None and stop.is_set():
                 summary.state = "interrupted"
                 summary.reason = "stopped before every subscriber was processed"
@@ -317,10 +328,8 @@ async def _run(
                 if not due_on(sub, date):
                     summary.skipped += 1
                     continue
+                # Only accepted digests add to papers_sent, so a retry sees the same papers.
                 already = sent_before.get(sub.id, set())
-                if state in ("sending", "deferred", "unknown"):
-                    # A retry: the papers recorded for that attempt are not "already sent".
-                    already = set()
                 digest, why = engine.select(sub, date, already, seeds)
                 if not digest.picks and not settings.digest.send_empty:
                     summary.skipped += 1
@@ -328,7 +337,7 @@ async def _run(
                     continue
                 try:
                     rendered = engine.render(digest)
-                except (RenderError, ValueError, KeyError, TypeError) as exc:
+                except Exception as exc:  # one reader's render never aborts the run
                     summary.failed += 1
                     log.error("render failed", email=sub.email, error=str(exc))
                     if not dry_run:
@@ -347,6 +356,9 @@ async def _run(
         if sender.released:
             summary.state = "interrupted"
             summary.reason = f"stopped: {sender.released} digests left for the next run"
+        if sender.paused_reason:
+            summary.state = "partial"
+            summary.reason = sender.paused_reason
         if summary.state != "interrupted" and (summary.failed or summary.deferred):
             summary.state = "partial"
             summary.reason = summary.reason or (
@@ -384,6 +396,27 @@ class _Sender:
         self.deferred: dict[int, tuple[RenderedDigest, int]] = {}
         self.envelope_from = settings.digest.from_address
         self.rng = random.Random()
+        self.unknown_seen: set[int] = set()  # "unknown" is retried once, then final
+        self.policy_streak = 0  # consecutive 5.7.x rejections
+        self.paused_reason = ""
+        self.fatal: BaseException | None = None  # a transport error that hits every message
+
+    def halted(self) -> bool:
+        return bool(
+            (self.stop is not None and self.stop.is_set()) or self.paused_reason or self.fatal
+        )
+
+    async def _send(self, message: RenderedDigest) -> Delivery | None:
+        """One transaction; a setup-level failure (TLS, login, sender refused) halts the run."""
+        from .errors import ConfigError, TransportSetupError
+
+        try:
+            return cast(Delivery, await self.transport.send(message, self.envelope_from))
+        except (TransportSetupError, ConfigError) as exc:
+            if self.fatal is None:
+                self.fatal = exc
+                log.error("transport failed; stopping the run", error=str(exc))
+            return None
 
     async def send_batch(self, messages: Sequence[RenderedDigest]) -> None:
         if not messages:
@@ -401,10 +434,13 @@ class _Sender:
             # messages are ever handed to the server without their outcome on disk: that
             # bounds the duplicates a crash can cause.
             async with limit:
-                if self.stop is not None and self.stop.is_set():
+                if self.halted():
                     unsent.append(message)  # stopping: start no new transaction
                     return
-                delivery = await self.transport.send(message, self.envelope_from)
+                delivery = await self._send(message)
+                if delivery is None:
+                    unsent.append(message)
+                    return
                 await self._record(message, delivery, attempt=1)
 
         await asyncio.gather(*(one(m) for m in todo))
@@ -412,41 +448,74 @@ class _Sender:
             # Never handed to the server: back to pending for the next run.
             await self.store.set_state(message.subscriber_id, self.date, "pending")
         self.released += len(unsent)
+        if self.fatal is not None:
+            raise self.fatal
 
     async def _record(self, message: RenderedDigest, delivery: Delivery, attempt: int) -> None:
-        from .deliver import is_policy
+        """Commit the server's reply, then act on it.
 
+        4xx → deferred, retried with backoff up to ``max_attempts``; ``unknown`` (the
+        connection was lost after the body) → retried once; 5.1.x → hard bounce, the
+        subscriber is suppressed; 5.7.x (policy) → deferred, never suppressed, and the run
+        pauses when they pile up (the sender's reputation or authentication is the problem,
+        not the reader).
+        """
+        from .deliver import is_hard_bounce, is_policy
+
+        sub_id = message.subscriber_id
         max_attempts = self.settings.delivery.max_attempts
+        policy = delivery.state == "failed" and is_policy(delivery.reply)
+        if policy:
+            delivery = replace(delivery, state="deferred")
+            self.policy_streak += 1
+            log.error(
+                "policy rejection (5.7.x): check SPF, DKIM and the sending IP's reputation",
+                email=message.email,
+                reply=delivery.reply,
+                streak=self.policy_streak,
+            )
+            if self.policy_streak >= POLICY_PAUSE_AFTER and not self.paused_reason:
+                self.paused_reason = (
+                    f"paused after {self.policy_streak} policy rejections in a row"
+                    f" (last: {delivery.reply})"
+                )
+                log.error("run paused", reason=self.paused_reason)
+        elif delivery.state == "accepted":
+            self.policy_streak = 0
         state = delivery.state
-        if state == "deferred" and attempt >= max_attempts:
+        if state == "unknown" and sub_id in self.unknown_seen:
+            delivery = replace(delivery, state="failed", reply=f"unknown twice: {delivery.reply}")
+        elif state == "deferred" and attempt >= max_attempts:
             delivery = replace(
                 delivery,
                 state="failed",
                 reply=f"gave up after {attempt} attempts: {delivery.reply}",
             )
-            state = "failed"
+        state = delivery.state
         await self.store.record(delivery)
         if state == "accepted":
             self.summary.sent += 1
-            self.deferred.pop(message.subscriber_id, None)
+            self.deferred.pop(sub_id, None)
         elif state in ("deferred", "unknown"):
-            self.deferred[message.subscriber_id] = (message, attempt)
+            if state == "unknown":
+                self.unknown_seen.add(sub_id)
+            self.deferred[sub_id] = (message, attempt)
             log.warning(
                 "delivery deferred", email=message.email, reply=delivery.reply, attempt=attempt
             )
         else:
-            self.deferred.pop(message.subscriber_id, None)
+            self.deferred.pop(sub_id, None)
             self.summary.failed += 1
             log.error("delivery failed", email=message.email, reply=delivery.reply)
-            if state == "failed" and not is_policy(delivery.reply) and delivery.reply[:1] == "5":
-                await self.store.suppress(message.subscriber_id, f"hard bounce: {delivery.reply}")
+            if is_hard_bounce(delivery.reply):
+                await self.store.suppress(sub_id, f"hard bounce: {delivery.reply}")
                 log.warning("subscriber suppressed", email=message.email, reply=delivery.reply)
 
     async def retry_deferred(self, stop: asyncio.Event | None) -> None:
         """Retry 4xx/unknown digests with jittered exponential backoff, up to max_attempts."""
         deadline = time.monotonic() + MAX_RETRY_WINDOW.total_seconds()
         while self.deferred:
-            if stop is not None and stop.is_set():
+            if self.halted():
                 break
             attempt = max(a for _, a in self.deferred.values()) + 1
             wait = backoff(attempt - 1, self.retry_base, self.rng)
@@ -463,7 +532,11 @@ class _Sender:
                 await asyncio.sleep(wait)
             batch = list(self.deferred.values())
             self.deferred.clear()
-            for message, tries in batch:
+            for index, (message, tries) in enumerate(batch):
+                if self.halted():
+                    # Not retried now; their rows stay deferred for the next run.
+                    self.deferred.update({m.subscriber_id: (m, t) for m, t in batch[index:]})
+                    break
                 if not await self.store.claim(
                     message.subscriber_id,
                     self.date,
@@ -472,8 +545,13 @@ class _Sender:
                     self.run_id,
                 ):
                     continue
-                delivery = await self.transport.send(message, self.envelope_from)
+                delivery = await self._send(message)
+                if delivery is None:
+                    await self.store.set_state(message.subscriber_id, self.date, "pending")
+                    continue
                 await self._record(
                     message, replace(delivery, attempts=tries + 1), attempt=tries + 1
                 )
+        if self.fatal is not None:
+            raise self.fatal
         self.summary.deferred = len(self.deferred)

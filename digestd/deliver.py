@@ -1,0 +1,955 @@
+"""The deliver stage: hand finished messages to an SMTP server or a Maildir.
+
+``send`` returns a :class:`~digestd.models.Delivery` whose ``state`` says what happened;
+it never raises for a per-message failure. The pipeline (not this module) decides retries.
+
+SMTP (:class:`SmtpTransport`)
+    aiosmtplib for the connection, TLS (``starttls`` required / implicit ``tls`` / ``none``,
+    certificates verified by default) and AUTH; the transaction itself (MAIL, RCPT, DATA and
+    the message body) is driven here so the outcome can be classified precisely:
+
+    * a reply: 2xx ``accepted``, 4xx ``deferred``, 5xx ``failed`` (see :func:`classify`,
+      :func:`is_hard_bounce`, :func:`is_policy`);
+    * connection lost / timed out / garbled reply *before the whole body was handed to the
+      kernel*: ``deferred`` (the server cannot have accepted it);
+    * the same *after* the final ``.`` was sent but before its reply: ``unknown`` (the server
+      may have accepted it; retry at most once).
+
+    A pool of at most ``delivery.concurrency`` connections, each reused for up to
+    ``delivery.messages_per_connection`` transactions; one global rate limit
+    (``delivery.rate_per_second``); a deadline of ``smtp.timeout`` per transaction. A pooled
+    connection found dead before its transaction started is replaced once, transparently.
+    Failures that would hit every message alike (TLS verification, login refused, STARTTLS
+    not offered, the envelope sender refused) raise :class:`TransportSetupError`.
+
+Maildir (:class:`MaildirTransport`)
+    ``tmp/`` → ``new/`` with unique names, files ``0600``, fsync'd; optionally an ``.html``
+    copy of each message under ``<maildir>/html/`` (for the demo).
+
+Replies are normalised to one line: ``"<code> <enhanced-status> <text>"`` (≤ 500 characters,
+no control characters, valid UTF-8). Replies made up locally (no server reply to quote) say
+``(local)`` right after the status, e.g. ``"421 4.4.2 (local) connection lost …"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import errno
+import itertools
+import os
+import re
+import secrets
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol, Self
+
+import structlog
+
+from .errors import ConfigError, DeliveryError, TransportSetupError
+from .models import Delivery, DeliveryState, RenderedDigest
+
+if TYPE_CHECKING:
+    import aiosmtplib
+
+    from .config import DeliveryConfig, Settings, SmtpConfig
+
+log = structlog.get_logger(__name__)
+
+MAX_REPLY = 500
+_FLUSH_POLL = 0.005  # seconds between write-buffer checks while a large body drains
+
+__all__ = [
+    "MaildirTransport",
+    "SmtpTransport",
+    "Transport",
+    "classify",
+    "format_reply",
+    "is_hard_bounce",
+    "is_policy",
+    "make_transport",
+]
+
+
+class Transport(Protocol):
+    """What the pipeline needs from a way of delivering mail."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def check(self) -> None:
+        """Connect (+TLS, +login) once; raise TransportSetupError with a one-line reason."""
+        ...
+
+    async def send(self, message: RenderedDigest, envelope_from: str) -> Delivery:
+        """Deliver one message; per-message failures come back as the Delivery's state."""
+        ...
+
+
+def make_transport(settings: Settings) -> Transport:
+    """The transport ``[delivery] transport`` names."""
+    if settings.delivery.transport == "maildir":
+        return MaildirTransport(settings.delivery.maildir, settings.delivery.write_html_copy)
+    return SmtpTransport(settings.smtp, settings.delivery)
+
+
+# ------------------------------------------------------------------------------ replies
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_REPLY_STATUS = re.compile(r"^\d{3} ([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+# C0 and C1 controls, DEL, line/paragraph separators, bidi overrides and other format chars.
+_UNPRINTABLE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]"
+)
+
+Phase = Literal["connect", "mail", "rcpt", "data", "body", "end"]
+
+
+def classify(code: int, message: str = "") -> DeliveryState:
+    """The delivery state a server reply means.
+
+    2xx ``accepted``; 4xx ``deferred``; 5xx ``failed`` — except ``5.2.2`` (mailbox full),
+    which is ``deferred`` like the temporary condition it usually is. Hard bounces
+    (:func:`is_hard_bounce`, the caller suppresses) and policy rejections (:func:`is_policy`,
+    the caller alerts) are both ``failed``; tell them apart from the reply. Anything that is
+    not a reply code (``-1`` for a garbled reply) is ``unknown``.
+    """
+    if 200 <= code < 300:
+        return "accepted"
+    if 400 <= code < 500:
+        return "deferred"
+    if 500 <= code < 600:
+        match = _ENHANCED.match(message.lstrip())
+        if match and match.group(2) == "2" and match.group(3) == "2":
+            return "deferred"
+        return "failed"
+    return "unknown"
+
+
+def _status(reply: str) -> tuple[int, int, int] | None:
+    match = _REPLY_STATUS.match(reply)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+def is_policy(reply: str) -> bool:
+    """True for a permanent policy rejection (``5.7.x``: spam, blocklist, auth, DMARC…).
+
+    The subscriber is not at fault: alert the operator, do not suppress.
+    """
+    status = _status(reply)
+    return status is not None and status[0] == 5 and status[1] == 7
+
+
+def is_hard_bounce(reply: str) -> bool:
+    """True when the *recipient* address is permanently bad (``5.1.x``): suppress them.
+
+    ``5.1.7``/``5.1.8`` are about the *sender* and do not count. A ``550``/``551``/``553``
+    refusal of RCPT without an enhanced code reads as ``5.1.1``/``5.1.6``/``5.1.3`` (see
+    :func:`format_reply`).
+    """
+    status = _status(reply)
+    return status is not None and status[:2] == (5, 1) and status[2] not in (7, 8)
+
+
+def _default_status(code: int, phase: Phase) -> str:
+    klass = code // 100 if 2 <= code // 100 <= 5 else 4
+    if klass == 3:
+        klass = 5  # a 3xx where it makes no sense is a protocol error
+    if phase == "rcpt" and klass == 5:
+        return {550: "5.1.1", 551: "5.1.6", 553: "5.1.3"}.get(code, "5.0.0")
+    if phase == "mail" and code == 552:
+        return "5.3.4"
+    return f"{klass}.0.0"
+
+
+def format_reply(code: int, message: str, phase: Phase = "end") -> str:
+    """``"<code> <enhanced-status> <text>"`` on one line, at most 500 characters.
+
+    Multi-line replies are joined with spaces, repeated status codes dropped, control
+    characters and undecodable bytes replaced. Without an enhanced status in the reply,
+    one is derived from the code and the command it answered (RFC 3463).
+    """
+    text = message.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    status = ""
+    parts: list[str] = []
+    for raw in text.splitlines() or [""]:
+        line = raw.strip()
+        match = _ENHANCED.match(line)
+        if match:
+            status = status or match.group(0)
+            line = line[match.end() :].strip()
+        if line:
+            parts.append(line)
+    body = " ".join(_UNPRINTABLE.sub(" ", " ".join(parts)).split())
+    shown = code if 100 <= code < 600 else 0
+    reply = f"{shown:03d} {status or _default_status(code, phase)} {body}".rstrip()
+    if len(reply) > MAX_REPLY:
+        reply = reply[: MAX_REPLY - 1] + "…"
+    return reply
+
+
+def _local_reply(code: int, status: str, text: str) -> str:
+    return format_reply(code, f"{status} (local) {text}")
+
+
+def _delivery(message: RenderedDigest, state: DeliveryState, reply: str) -> Delivery:
+    return Delivery(
+        subscriber_id=message.subscriber_id,
+        email=message.email,
+        date=message.date,
+        message_id=message.message_id,
+        state=state,
+        reply=reply,
+        paper_ids=message.paper_ids,
+    )
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    line = " ".join(_UNPRINTABLE.sub(" ", str(text)).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# ------------------------------------------------------------------------- message bytes
+
+_BARE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def _data_payload(message: bytes) -> tuple[bytes, int]:
+    """The DATA payload (CRLF line endings, dot-stuffed, ending in ``CRLF.CRLF``) and the
+    message size as RFC 1870 counts it (CRLF line endings, without the stuffing and the dot).
+
+    Byte-level operations only (no regex on the usual, already-CRLF message): ~60 µs for
+    30 KB, which matters at 100,000 messages a run.
+    """
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        message = _BARE_LINE_ENDING.sub(b"\r\n", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    stuffed = message.replace(b"\n.", b"\n..")  # every LF is part of a CRLF by now
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n", len(message)
+
+
+def _address_problem(address: str, what: str) -> str | None:
+    if not address or len(address) > 320:
+        return f"{what} address is empty or too long"
+    if any(ch in address for ch in "<> ") or _UNPRINTABLE.search(address):
+        return f"{what} address contains a forbidden character"
+    if address.count("@") != 1 or address.startswith("@") or address.endswith("@"):
+        return f"{what} address is not local@domain"
+    return None
+
+
+# ------------------------------------------------------------------------- rate limiting
+
+
+class _RateLimiter:
+    """One global limit on transactions per second (a token bucket holding one token).
+
+    Each caller reserves the next free slot, so sleeping late never lets a burst through:
+    at most ``rate × window + 1`` transactions start in any window.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        if not self._interval:
+            return
+        now = asyncio.get_running_loop().time()
+        slot = max(now, self._next)
+        self._next = slot + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+# ---------------------------------------------------------------------------- SMTP
+
+
+class _Transient(Exception):
+    """A connection could not be set up, for a reason that may pass (refused, timeout, 4xx)."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+@dataclass(eq=False)
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    transactions: int = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.smtp.is_connected
+
+    def extension(self, name: str) -> str | None:
+        return self.smtp.esmtp_extensions.get(name)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    state: DeliveryState
+    reply: str
+    keep: bool  # the connection can carry another transaction
+    stale: bool = False  # dead before anything was sent: safe to replace and start over
+    setup_error: str | None = None  # every message would fail alike: raise
+
+
+class SmtpTransport:
+    """Deliver over SMTP through a pool of reused connections (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: SmtpConfig,
+        delivery: DeliveryConfig,
+        *,
+        local_hostname: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.delivery = delivery
+        self._local_hostname = local_hostname or _local_hostname()
+        self._slots = asyncio.Semaphore(delivery.concurrency)
+        self._idle: list[_Connection] = []
+        self._limiter = _RateLimiter(delivery.rate_per_second)
+        self._tls: ssl.SSLContext | None = None
+        self._password: str | None = None
+        self._prepared = False
+        self._prepare_lock = asyncio.Lock()
+        self._closed = False
+        self._where = f"{settings.host}:{settings.port}"
+
+    async def __aenter__(self) -> Self:
+        self._closed = False
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """QUIT every idle connection (briefly) and refuse further sends."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._quit(conn) for conn in idle))
+        await asyncio.sleep(0)  # let the closed transports call connection_lost
+
+    async def check(self) -> None:
+        """Connect, STARTTLS/TLS and log in once; keep the connection for the first send."""
+        try:
+            async with self._slots:
+                conn = await self._open()
+        except _Transient as exc:
+            raise TransportSetupError(
+                f"SMTP {self._where}: {exc.reply.split('(local) ', 1)[-1]}"
+            ) from None
+        if self._closed:
+            await self._quit(conn)
+        else:
+            self._idle.append(conn)
+
+    async def send(self, message: RenderedDigest, envelope_from: str) -> Delivery:
+        """Send one message; returns its Delivery (see the module docstring for the states)."""
+        if self._closed:
+            raise DeliveryError("the SMTP transport is closed")
+        problem = _address_problem(envelope_from, "sender")
+        if problem:
+            raise TransportSetupError(f"envelope sender {envelope_from!r}: {problem}")
+        problem = _address_problem(message.email, "recipient")
+        if problem:
+            return _delivery(message, "failed", _local_reply(553, "5.1.3", problem))
+        payload, size = _data_payload(message.message)
+        async with self._slots:
+            for attempt in range(2):
+                try:
+                    conn, pooled = await self._checkout()
+                except _Transient as exc:
+                    return _delivery(message, "deferred", exc.reply)
+                if attempt == 0:
+                    await self._limiter.wait()
+                try:
+                    outcome = await self._transaction(conn, message, envelope_from, payload, size)
+                except BaseException:
+                    conn.smtp.close()  # cancelled mid-transaction: the connection is unusable
+                    raise
+                await self._checkin(conn, outcome.keep)
+                if outcome.setup_error:
+                    raise TransportSetupError(outcome.setup_error)
+                if outcome.stale and pooled and attempt == 0:
+                    log.info("smtp.stale_connection_replaced", server=self._where)
+                    continue
+                log.debug(
+                    "smtp.sent", email=message.email, state=outcome.state, reply=outcome.reply
+                )
+                return _delivery(message, outcome.state, outcome.reply)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -------------------------------------------------------------- connections
+
+    async def _checkout(self) -> tuple[_Connection, bool]:
+        """A connection for one transaction, and whether it came from the pool."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.alive:
+                return conn, True
+            conn.smtp.close()
+        return await self._open(), False
+
+    async def _checkin(self, conn: _Connection, keep: bool) -> None:
+        if not keep or not conn.alive:
+            conn.smtp.close()
+        elif conn.transactions >= self.delivery.messages_per_connection or self._closed:
+            await self._quit(conn)
+        else:
+            self._idle.append(conn)
+
+    async def _quit(self, conn: _Connection) -> None:
+        """Say QUIT politely, but never wait long for it."""
+        if conn.alive:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(min(self.settings.timeout, 5.0)):
+                    await conn.smtp.quit()
+        conn.smtp.close()
+
+    async def _prepare(self) -> None:
+        """Build the TLS context and read the password once, off the event loop."""
+        async with self._prepare_lock:
+            if self._prepared:
+                return
+            s = self.settings
+            if s.security != "none":
+                self._tls = await asyncio.to_thread(self._tls_context)
+            if s.security == "none" and s.username:
+                log.warning("smtp.password_without_tls", server=self._where, user=s.username)
+            if s.username:
+                password = await asyncio.to_thread(s.password)
+                if password is None:
+                    raise ConfigError(
+                        "smtp.username is set but there is no password "
+                        "(smtp.password_file, $DIGESTD_SMTP_PASSWORD or the "
+                        "smtp-password credential)"
+                    )
+                self._password = password
+            self._prepared = True
+
+    def _tls_context(self) -> ssl.SSLContext:
+        s = self.settings
+        if not s.verify_certificates:
+            log.warning("smtp.certificates_not_verified", server=self._where)
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            try:
+                ctx = ssl.create_default_context(
+                    cafile=str(s.ca_file) if s.ca_file is not None else None
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"smtp.ca_file: cannot load {s.ca_file}: {exc}") from None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    async def _open(self) -> _Connection:
+        """A new connection, greeted, TLS'd and logged in. Raises _Transient or setup errors."""
+        import aiosmtplib
+
+        await self._prepare()
+        s = self.settings
+        smtp = aiosmtplib.SMTP(
+            hostname=s.host,
+            port=s.port,
+            local_hostname=self._local_hostname,
+            timeout=s.timeout,
+            use_tls=s.security == "tls",
+            start_tls=False,
+            tls_context=self._tls,
+            validate_certs=s.verify_certificates,
+        )
+        step = "connecting"
+        try:
+            async with asyncio.timeout(s.timeout):
+                await smtp.connect()
+                step = "greeting"
+                await _hello(smtp)
+                if s.security == "starttls":
+                    if not smtp.supports_extension("starttls"):
+                        raise TransportSetupError(
+                            f"SMTP {self._where} does not offer STARTTLS "
+                            '(smtp.security = "starttls"; use "tls" for port 465)'
+                        )
+                    step = "STARTTLS"
+                    await smtp.starttls()
+                    await _hello(smtp)
+                if s.username:
+                    if not smtp.supports_extension("auth"):
+                        raise TransportSetupError(
+                            f"SMTP {self._where} does not offer AUTH (smtp.username is set)"
+                        )
+                    step = "login"
+                    await self._login(smtp)
+        except TransportSetupError:
+            smtp.close()
+            raise
+        except Exception as exc:
+            smtp.close()
+            self._raise_setup(exc, step)
+        except BaseException:
+            smtp.close()
+            raise
+        conn = _Connection(smtp)
+        log.debug(
+            "smtp.connected",
+            server=self._where,
+            security=s.security,
+            tls=smtp.get_transport_info("cipher") if s.security != "none" else None,
+            extensions=sorted(smtp.esmtp_extensions),
+        )
+        return conn
+
+    async def _login(self, smtp: aiosmtplib.SMTP) -> None:
+        """AUTH with one mechanism (PLAIN, else LOGIN, else CRAM-MD5): a refused password is
+        refused, and trying it again under another name only adds failed attempts."""
+        user, password = self.settings.username, self._password or ""
+        offered = smtp.server_auth_methods
+        if "plain" in offered:
+            await smtp.auth_plain(user, password)
+        elif "login" in offered:
+            await smtp.auth_login(user, password)
+        elif "cram-md5" in offered:
+            await smtp.auth_crammd5(user, password)
+        else:
+            raise TransportSetupError(
+                f"SMTP {self._where} offers no AUTH mechanism digestd supports "
+                f"(PLAIN, LOGIN, CRAM-MD5); it offers: {_one_line(' '.join(offered), 100)}"
+            )
+
+    def _raise_setup(self, exc: Exception, step: str) -> None:
+        import aiosmtplib
+
+        where = f"SMTP {self._where}"
+        tls_error = _find_ssl_error(exc)
+        if tls_error is not None:
+            why = getattr(tls_error, "verify_message", None) or tls_error.reason or tls_error
+            hint = ""
+            if isinstance(tls_error, ssl.SSLCertVerificationError):
+                hint = " (set smtp.ca_file to trust a private CA)"
+            elif tls_error.reason == "WRONG_VERSION_NUMBER":
+                hint = ' (the port speaks plain SMTP: use smtp.security = "starttls")'
+            raise TransportSetupError(
+                f"{where}: TLS failed during {step}: {_one_line(why)}{hint}"
+            ) from None
+        if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 0:
+            reply = format_reply(exc.code, exc.message, "connect")
+            if isinstance(exc, aiosmtplib.SMTPAuthenticationError) and exc.code >= 500:
+                raise TransportSetupError(
+                    f"{where}: login as {self.settings.username!r} refused: {reply}"
+                ) from None
+            if exc.code >= 500:
+                raise TransportSetupError(f"{where}: {step} refused: {reply}") from None
+            raise _Transient(
+                format_reply(exc.code, f"{exc.message} (during {step})", "connect")
+            ) from None
+        if isinstance(exc, TimeoutError):
+            text = f"timed out after {self.settings.timeout:g}s while {step}"
+        elif isinstance(exc, (aiosmtplib.SMTPException, OSError)):
+            text = f"{step} failed: {_os_reason(exc)}"
+        else:
+            raise TransportSetupError(f"{where}: {step} failed: {_one_line(exc)}") from exc
+        raise _Transient(_local_reply(421, "4.4.1", text)) from None
+
+    # -------------------------------------------------------------- transaction
+
+    async def _transaction(
+        self,
+        conn: _Connection,
+        message: RenderedDigest,
+        envelope_from: str,
+        payload: bytes,
+        size: int,
+    ) -> _Outcome:
+        import aiosmtplib
+
+        smtp = conn.smtp
+        conn.transactions += 1
+        mail_args = self._mail_args(conn, envelope_from, message.email, size, payload.isascii())
+        if isinstance(mail_args, _Outcome):
+            return mail_args
+        phase: Phase = "mail"
+        progress = _Progress()
+
+        async def exchange() -> tuple[aiosmtplib.SMTPResponse, bool]:
+            """The transaction's replies; ``(reply, False)`` when one refused it early."""
+            nonlocal phase
+            reply = await smtp.execute_command(b"MAIL", *mail_args)
+            if reply.code != 250:
+                return reply, False
+            phase = "rcpt"
+            reply = await smtp.execute_command(b"RCPT", b"TO:<" + _enc(message.email) + b">")
+            if reply.code not in (250, 251):
+                return reply, False
+            phase = "data"
+            reply = await smtp.execute_command(b"DATA")
+            if reply.code != 354:
+                return reply, False
+            phase = "body"
+            reply = await _send_body(smtp, payload, progress)
+            phase = "end"
+            return reply, True
+
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                reply, completed = await exchange()
+        except TimeoutError:
+            smtp.close()
+            why = f"no reply within {self.settings.timeout:g}s"
+            return self._lost(phase, progress.flushed, why)
+        except aiosmtplib.SMTPResponseException as exc:
+            # A reply aiosmtplib could not parse (too long, not SMTP): the stream is unusable.
+            smtp.close()
+            why = f"invalid reply: {_one_line(exc.message, 120)}"
+            return self._lost(phase, progress.flushed, why)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError, OSError) as exc:
+            smtp.close()
+            if phase == "mail":
+                why = "connection was closed before the transaction started"
+                return _Outcome("deferred", _local_reply(421, "4.4.2", why), False, stale=True)
+            return self._lost(phase, progress.flushed, f"connection lost: {_one_line(exc, 120)}")
+        if not completed:
+            return await self._refused(conn, reply, phase)
+        state = classify(reply.code, reply.message)
+        keep = reply.code != 421 and smtp.is_connected
+        if reply.code == 421:
+            smtp.close()
+        return _Outcome(state, format_reply(reply.code, reply.message, "end"), keep)
+
+    def _mail_args(
+        self, conn: _Connection, sender: str, recipient: str, size: int, seven_bit: bool
+    ) -> list[bytes] | _Outcome:
+        """MAIL FROM's arguments (SIZE, SMTPUTF8, BODY=8BITMIME as the server offers them),
+        or the outcome when the message cannot go to this server at all."""
+        args = [b"FROM:<" + _enc(sender) + b">"]
+        size_ext = conn.extension("size")
+        if size_ext is not None:
+            limit = int(size_ext) if size_ext.isdigit() else 0
+            if limit and size > limit:
+                text = f"message is {size} bytes; the server takes at most {limit}"
+                return _Outcome("failed", _local_reply(552, "5.3.4", text), True)
+            args.append(b"SIZE=%d" % size)
+        if not (sender.isascii() and recipient.isascii()):
+            if conn.extension("smtputf8") is None:
+                text = "the server does not offer SMTPUTF8, needed for this address"
+                return _Outcome("failed", _local_reply(553, "5.6.7", text), True)
+            args.append(b"SMTPUTF8")
+        if not seven_bit and conn.extension("8bitmime") is not None:
+            args.append(b"BODY=8BITMIME")
+        return args
+
+    async def _refused(
+        self, conn: _Connection, reply: aiosmtplib.SMTPResponse, phase: Phase
+    ) -> _Outcome:
+        """A refusal before the body: reset the transaction (or drop the connection on 421)."""
+        text = format_reply(reply.code, reply.message, phase)
+        state = classify(reply.code, reply.message)
+        if state == "accepted" or state == "unknown":  # e.g. 354 to MAIL: out of step
+            conn.smtp.close()
+            return _Outcome("deferred", text, False)
+        keep = reply.code != 421 and await self._rset(conn)
+        if phase == "mail" and reply.code >= 500:
+            status = _status(text)
+            if reply.code == 552 or (status and status[1:] == (3, 4)):
+                return _Outcome("failed", text, keep)  # this message is too big
+            if reply.code == 503:
+                conn.smtp.close()
+                return _Outcome("deferred", text, False)
+            return _Outcome(
+                "failed", text, keep, setup_error=f"SMTP {self._where} refused the sender: {text}"
+            )
+        return _Outcome(state, text, keep)
+
+    async def _rset(self, conn: _Connection) -> bool:
+        """RSET after a refused transaction; False when the connection should be dropped."""
+        if not conn.alive:
+            return False
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                reply = await conn.smtp.execute_command(b"RSET")
+        except Exception:
+            conn.smtp.close()
+            return False
+        return reply.code == 250
+
+    def _lost(self, phase: Phase, flushed: bool, why: str) -> _Outcome:
+        if phase == "end" or (phase == "body" and flushed):
+            text = f"{why} after the message was sent; the server may have accepted it"
+            return _Outcome("unknown", _local_reply(451, "4.4.2", text), False)
+        text = f"{why} ({_PHASE_TEXT[phase]}); the message was not sent"
+        return _Outcome("deferred", _local_reply(451, "4.4.2", text), False)
+
+
+_PHASE_TEXT: dict[Phase, str] = {
+    "connect": "while connecting",
+    "mail": "after MAIL FROM",
+    "rcpt": "after RCPT TO",
+    "data": "after DATA",
+    "body": "while sending the message",
+    "end": "after the message",
+}
+
+
+def _enc(address: str) -> bytes:
+    return address.encode("ascii") if address.isascii() else address.encode("utf-8")
+
+
+async def _hello(smtp: aiosmtplib.SMTP) -> None:
+    import aiosmtplib
+
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not smtp.is_connected:
+            raise
+        await smtp.helo()
+
+
+class _Progress:
+    """How far the body got: ``flushed`` once the final "." has left this process."""
+
+    flushed = False
+
+
+async def _send_body(
+    smtp: aiosmtplib.SMTP, payload: bytes, progress: _Progress
+) -> aiosmtplib.SMTPResponse:
+    """Write the dot-terminated body and read the final reply.
+
+    ``progress.flushed`` turns true once the whole payload has been handed to the kernel:
+    a connection lost after that may have delivered the message ("unknown"), one lost
+    before it cannot have ("deferred").
+    """
+    import aiosmtplib
+
+    protocol, transport = smtp.protocol, smtp.transport
+    if protocol is None or transport is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    writer: asyncio.WriteTransport = transport  # type: ignore[assignment]
+    protocol.write(payload)
+    if writer.get_write_buffer_size() == 0:
+        # The usual case: everything is in the kernel already; just wait for the reply.
+        progress.flushed = True
+        return await protocol.read_response()
+    # A large body is still draining: read the reply concurrently (a server may refuse early)
+    # while watching whether the final "." gets out before the connection goes away.
+    reply = asyncio.ensure_future(protocol.read_response())
+    try:
+        while not reply.done():
+            await asyncio.wait({reply}, timeout=_FLUSH_POLL)
+            if reply.done() or not protocol.is_connected:
+                break
+            if writer.get_write_buffer_size() == 0:
+                progress.flushed = True
+                break
+        response = await reply
+    finally:
+        if not reply.done():
+            reply.cancel()
+    progress.flushed = True  # the server answered the body
+    return response
+
+
+def _find_ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _os_reason(exc: BaseException) -> str:
+    """``Connection refused`` rather than aiosmtplib's wrapping of it."""
+    current: BaseException | None = exc
+    for _ in range(5):
+        if current is None:
+            break
+        if isinstance(current, OSError) and current.errno:
+            return os.strerror(current.errno)
+        current = current.__cause__ or current.__context__
+    return _one_line(exc, 200)
+
+
+def _local_hostname() -> str:
+    name = socket.gethostname()
+    return (
+        name
+        if re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,250}[A-Za-z0-9])?", name)
+        else ("localhost")
+    )
+
+
+# ---------------------------------------------------------------------------- Maildir
+
+_counter = itertools.count()
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9@._+-]")
+
+
+class MaildirTransport:
+    """Deliver into a Maildir (``tmp/`` → ``new/``), optionally with ``.html`` copies."""
+
+    def __init__(self, path: Path, write_html_copy: bool = False) -> None:
+        self.path = Path(path)
+        self.write_html_copy = write_html_copy
+        self._ready = False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    @property
+    def html_dir(self) -> Path:
+        return self.path / "html"
+
+    async def check(self) -> None:
+        """Create the Maildir (mode 0700) and check it is writable."""
+        try:
+            await asyncio.to_thread(self._prepare, True)
+        except OSError as exc:
+            raise TransportSetupError(
+                f"maildir {self.path}: {exc.strerror or exc} (delivery.maildir)"
+            ) from None
+
+    async def send(self, message: RenderedDigest, envelope_from: str) -> Delivery:
+        """Write the message to ``new/``; ``accepted`` once it is there (and fsync'd)."""
+        try:
+            name = await asyncio.to_thread(self._deliver, message)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR):
+                raise TransportSetupError(
+                    f"maildir {self.path}: {exc.strerror or exc} (delivery.maildir)"
+                ) from None
+            text = f"cannot write to the maildir: {exc.strerror or exc}"
+            return _delivery(message, "deferred", _local_reply(451, "4.3.0", text))
+        return _delivery(
+            message, "accepted", _local_reply(250, "2.0.0", f"delivered as new/{name}")
+        )
+
+    # ------------------------------------------------------------ in a worker thread
+
+    def _prepare(self, probe: bool = False) -> None:
+        if self._ready and not probe:
+            return
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.write_html_copy:
+            self.html_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if probe:
+            name = self._unique_name()
+            fd = os.open(self.path / "tmp" / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            os.unlink(self.path / "tmp" / name)
+        self._ready = True
+
+    @staticmethod
+    def _unique_name() -> str:
+        now = time.time()
+        host = socket.gethostname().replace("/", r"\057").replace(":", r"\072") or "localhost"
+        return (
+            f"{int(now)}.M{int(now % 1 * 1_000_000)}P{os.getpid()}"
+            f"Q{next(_counter)}R{secrets.token_hex(8)}.{host}"
+        )
+
+    def _deliver(self, message: RenderedDigest) -> str:
+        self._prepare()
+        # Maildir files hold the message with local (LF) line endings.
+        data = message.message.replace(b"\r\n", b"\n")
+        for _ in range(5):
+            name = self._unique_name()
+            tmp = self.path / "tmp" / name
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            os.close(fd)
+            try:
+                _publish(tmp, self.path / "new" / name)
+            except FileExistsError:
+                os.unlink(tmp)
+                continue
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(self.path / "new")
+            if self.write_html_copy:
+                self._write_html(message)
+            return name
+        raise OSError(errno.EEXIST, "could not find a unique file name")
+
+    def _write_html(self, message: RenderedDigest) -> None:
+        safe = _SAFE_NAME.sub("_", message.email)[:200]
+        target = self.html_dir / f"{message.date.isoformat()}_{safe}.html"
+        tmp = self.html_dir / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, message.html.encode("utf-8"))
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+
+    def html_copy_path(self, email: str, date: dt.date) -> Path:
+        """Where the ``.html`` copy of ``email``'s digest for ``date`` is written."""
+        return self.html_dir / f"{date.isoformat()}_{_SAFE_NAME.sub('_', email)[:200]}.html"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _publish(tmp: Path, new: Path) -> None:
+    """Move ``tmp`` to ``new`` without ever overwriting (link + unlink; rename as fallback)."""
+    try:
+        os.link(tmp, new)
+    except FileExistsError:
+        raise
+    except OSError:
+        if new.exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(new)) from None
+        os.rename(tmp, new)
+        return
+    os.unlink(tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
