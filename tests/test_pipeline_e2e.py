@@ -130,7 +130,7 @@ def test_run_once_sends_parsable_digests_with_every_header(
 def test_second_run_for_same_date_sends_nothing(config: Path, smtp: tuple[Recorder, int]) -> None:
     """The ledger makes run-once safe to repeat; a new paper-less day sends nothing either."""
     recorder, _ = smtp
-    add(config, "ada@example.org")
+    add(config, "ada@example.org", "--max-papers", "50")  # every paper goes out on day one
     assert invoke(config, "run-once", "--date", DAY)[0] == 0
     assert len(recorder.messages) == 1
     code, out, _ = invoke(config, "run-once", "--date", DAY)
@@ -239,3 +239,21 @@ def test_run_once_subprocess_json_summary(config: Path, smtp: tuple[Recorder, in
     for key in ("fetched", "subscribers", "sent", "skipped", "failed", "seconds"):
         assert key in summary[0]
     assert summary[0]["sent"] == 1 and len(recorder.messages) == 1
+
+
+def test_a_paper_is_never_sent_twice_across_days(config: Path, smtp: tuple[Recorder, int]) -> None:
+    """Day one sends the top 10 of 15 papers; day two sends only the 5 others; day three none."""
+    recorder, _ = smtp
+    add(config, "ada@example.org")  # no interests: the most upvoted, max 10
+
+    def ids_in(data: bytes) -> set[str]:
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        text = msg.get_body(("plain",)).get_content()
+        return {word.rstrip("/.,)") for word in text.split() if "huggingface.co/papers/" in word}
+
+    for day in ("2025-11-07", "2025-11-08", "2025-11-09"):
+        assert invoke(config, "run-once", "--date", day)[0] == 0
+    assert len(recorder.messages) == 2
+    first, second = (ids_in(data) for _, _, data in recorder.messages)
+    assert len(first) == 10 and len(second) == 5
+    assert not first & second
