@@ -8,12 +8,18 @@ server already accepted, so a date is never sent twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import os
 import random
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -24,14 +30,42 @@ from .models import Delivery, Digest, Paper, RenderedDigest, Subscriber
 from .runlock import RunLock
 from .store import Store
 
+if TYPE_CHECKING:
+    from .selection import PreparedDay
+
 log = structlog.get_logger(__name__)
 
 SUBSCRIBER_BATCH = 500
+# Selection + rendering run in a process pool when this many subscribers are active (and
+# delivery.render_workers is not 0): below it, starting the workers costs more than it saves.
+POOL_MIN_SUBSCRIBERS = 2000
+RENDER_CHUNK = 50  # subscribers per task handed to a worker
+MAX_CHUNKS_SENDING = 2  # chunks of finished messages in the sender at once (memory bound)
 # This many 5.7.x (policy) rejections in a row pause the run: nothing more is sent.
 POLICY_PAUSE_AFTER = 5
 # Keep a deferred digest's retries well inside the day so they never meet the next digest.
 MAX_RETRY_WINDOW = dt.timedelta(hours=12)
 Progress = Callable[[str], None]
+
+
+class ProgressText(str):
+    """A progress line ("1,500 of 10,000 subscribers, 1,480 sent") that also carries its
+    numbers, so a terminal can draw a bar; everywhere else it is just the text."""
+
+    done: int
+    total: int
+    sent: int
+
+    @classmethod
+    def of(cls, summary: RunSummary) -> ProgressText:
+        total = max(summary.active, summary.subscribers)
+        text = cls(
+            f"{summary.subscribers:,} of {total:,} subscribers, {summary.sent:,} sent"
+            if total
+            else f"{summary.subscribers:,} subscribers, {summary.sent:,} sent"
+        )
+        text.done, text.total, text.sent = summary.subscribers, total, summary.sent
+        return text
 
 
 @dataclass(slots=True)
@@ -47,7 +81,15 @@ class RunSummary:
     deferred: int = 0
     seconds: float = 0.0
     source_failures: list[tuple[str, str]] = field(default_factory=list)
-    dry_run_messages: list[RenderedDigest] = field(default_factory=list)
+    dry_run_messages: list[RenderedDigest] = field(default_factory=list)  # dry runs only
+    sent_bytes: int = 0  # size of the accepted messages
+    active: int = 0  # active subscribers when the run started (for progress)
+    # Busy seconds per stage, summed over calls (cheap monotonic-clock accumulators).
+    # "send" sums every transaction's duration over the parallel connections, so stages
+    # that overlap can add up to more than ``seconds``.
+    stages: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("select", "render", "send", "ledger"), 0.0)
+    )
 
     def counts(self) -> dict[str, float]:
         return {
@@ -99,13 +141,20 @@ class Engine:
     """Selection and rendering for one run: papers prepared once, templates loaded once."""
 
     def __init__(
-        self, settings: Settings, papers: Sequence[Paper], seen: Sequence[Paper], now: dt.datetime
+        self,
+        settings: Settings,
+        papers: Sequence[Paper],
+        seen: Sequence[Paper],
+        now: dt.datetime,
+        *,
+        day: PreparedDay | None = None,
     ) -> None:
         from .render import RenderContext, Renderer
         from .selection import prepare_day
 
         self.settings = settings
-        self.day = prepare_day(papers, seen)
+        self.now = now
+        self.day = day if day is not None else prepare_day(papers, seen)
         self.renderer = Renderer()
         self.ctx = RenderContext.from_settings(settings, now)
         self._dkim_key: bytes | None = None
@@ -118,7 +167,11 @@ class Engine:
             self._dkim_key = key.encode()
 
     def select(
-        self, subscriber: Subscriber, date: dt.date, already_sent: set[str], seeds: dict[str, Paper]
+        self,
+        subscriber: Subscriber,
+        date: dt.date,
+        already_sent: AbstractSet[str],
+        seeds: Mapping[str, Paper],
     ) -> tuple[Digest, str]:
         from .selection import empty_reason, select
 
@@ -256,6 +309,8 @@ async def run_once(
             failed=summary.failed,
             deferred=summary.deferred,
             seconds=summary.seconds,
+            sent_bytes=summary.sent_bytes,
+            stages={k: round(v, 3) for k, v in summary.stages.items()},
             dry_run=dry_run,
         )
         structlog.contextvars.unbind_contextvars("digest_date")
@@ -306,51 +361,92 @@ async def _run(
         engine = Engine(settings, fetched, seen, now)
         sender = _Sender(settings, store, date, summary, transport, run_id, retry_base, stop=stop)
         paper_ids = [p.id for p in fetched]
-        async for batch in _subscriber_batches(store, only):
-            if sender.paused_reason:
-                break
-            if stop is not None and stop.is_set():
-                summary.state = "interrupted"
-                summary.reason = "stopped before every subscriber was processed"
-                break
-            states = {} if dry_run else await store.ledger_states(date, [s.id for s in batch])
-            sent_before = await store.sent_papers([s.id for s in batch], paper_ids)
-            seeds = await _seed_papers(store, batch)
-            ready: list[RenderedDigest] = []
-            if include is not None:
-                batch = [s for s in batch if include(s)]
-            for sub in batch:
-                summary.subscribers += 1
-                state = states.get(sub.id, ("", 0))[0]
-                if state in ("accepted", "failed", "suppressed"):
-                    summary.skipped += 1
-                    continue
-                if not due_on(sub, date):
-                    summary.skipped += 1
-                    continue
-                # Only accepted digests add to papers_sent, so a retry sees the same papers.
-                already = sent_before.get(sub.id, set())
-                digest, why = engine.select(sub, date, already, seeds)
-                if not digest.picks and not settings.digest.send_empty:
-                    summary.skipped += 1
-                    log.info("nothing to send", email=sub.email, reason=why)
-                    continue
-                try:
-                    rendered = engine.render(digest)
-                except Exception as exc:  # one reader's render never aborts the run
-                    summary.failed += 1
-                    log.error("render failed", email=sub.email, error=str(exc))
-                    if not dry_run:
-                        await store.set_state(sub.id, date, "failed", f"render failed: {exc}")
-                    continue
-                ready.append(rendered)
+        summary.active = (
+            1 if only is not None else (await store.count_subscribers()).get("active", 0)
+        )
+        workers = _pool_size(settings, summary.active, only)
+        work = _Work(settings, engine, date, now, workers)
+        sending: set[asyncio.Task[None]] = set()
+
+        async def take(ready: list[RenderedDigest]) -> None:
+            """Hand one chunk's finished messages on: record (dry run) or send."""
             if dry_run:
                 summary.dry_run_messages.extend(ready)
                 summary.sent += len(ready)
-            else:
-                await sender.send_batch(ready)
-            if progress is not None:
-                progress(f"{summary.subscribers} subscribers, {summary.sent} sent")
+                return
+            if sender.halted():
+                sender.released += len(ready)  # never claimed: the next run sends them
+                return
+            # Sending overlaps the rendering of the next chunks; a bounded number of
+            # chunks is in the sender at once (memory), all sharing one connection limit.
+            task = asyncio.create_task(sender.send_batch(ready))
+            sending.add(task)
+            task.add_done_callback(sending.discard)
+            while len(sending) > MAX_CHUNKS_SENDING:
+                await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+
+        async def finish_one() -> None:
+            ready: list[RenderedDigest] = []
+            for outcome in await work.next_result(summary.stages):
+                if isinstance(outcome, RenderedDigest):
+                    ready.append(outcome)
+                elif outcome[0] == "empty":
+                    summary.skipped += 1
+                    log.info("nothing to send", email=outcome[2], reason=outcome[3])
+                else:  # one reader's render failure never aborts the run
+                    summary.failed += 1
+                    log.error("render failed", email=outcome[2], error=outcome[3])
+                    if not dry_run:
+                        tick = time.perf_counter()
+                        await store.set_state(
+                            outcome[1], date, "failed", f"render failed: {outcome[3]}"
+                        )
+                        summary.stages["ledger"] += time.perf_counter() - tick
+            await take(ready)
+
+        try:
+            async for batch in _subscriber_batches(store, only):
+                if sender.paused_reason or sender.fatal:
+                    break
+                if stop is not None and stop.is_set():
+                    summary.state = "interrupted"
+                    summary.reason = "stopped before every subscriber was processed"
+                    break
+                ids = [s.id for s in batch]
+                states = {} if dry_run else await store.ledger_states(date, ids)
+                sent_before = await store.sent_papers(ids, paper_ids)
+                seeds = await _seed_papers(store, batch)
+                if include is not None:
+                    batch = [s for s in batch if include(s)]
+                todo: list[_Item] = []
+                for sub in batch:
+                    summary.subscribers += 1
+                    state = states.get(sub.id, ("", 0))[0]
+                    if state in ("accepted", "failed", "suppressed"):
+                        summary.skipped += 1
+                        continue
+                    if not due_on(sub, date):
+                        summary.skipped += 1
+                        continue
+                    # Only accepted digests add to papers_sent, so a retry sees the same papers.
+                    mine = {pid: seeds[pid] for pid in sub.prefs.seed_papers if pid in seeds}
+                    todo.append((sub, frozenset(sent_before.get(sub.id, ())), mine))
+                for start in range(0, len(todo), work.chunk):
+                    work.submit(todo[start : start + work.chunk])
+                    while work.backlog() > work.max_backlog:
+                        await finish_one()
+                if progress is not None:
+                    progress(ProgressText.of(summary))
+            while work.backlog():
+                await finish_one()
+        finally:
+            work.close()
+            outcomes = await asyncio.gather(*list(sending), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if progress is not None:
+            progress(ProgressText.of(summary))
         if not dry_run:
             await sender.retry_deferred(stop)
         if sender.released:
@@ -367,6 +463,196 @@ async def _run(
     finally:
         if transport is not None:
             await transport.__aexit__(None, None, None)
+
+
+# ------------------------------------------------------------ selection + rendering work
+
+_Item = tuple[Subscriber, frozenset[str], dict[str, Paper]]  # subscriber, already sent, seeds
+# A finished message, or ("empty", subscriber id, email, why) / ("error", id, email, why).
+_Outcome = RenderedDigest | tuple[str, int, str, str]
+_ChunkResult = tuple[list[_Outcome], float, float]  # outcomes, select s, render s
+
+
+def _select_render(engine: Engine, items: Sequence[_Item], date: dt.date) -> _ChunkResult:
+    """Select and render one chunk of subscribers (in the main process or a worker)."""
+    send_empty = engine.settings.digest.send_empty
+    out: list[_Outcome] = []
+    select_s = render_s = 0.0
+    clock = time.perf_counter
+    for sub, already, seeds in items:
+        tick = clock()
+        digest, why = engine.select(sub, date, already, seeds)
+        tock = clock()
+        select_s += tock - tick
+        if not digest.picks and not send_empty:
+            out.append(("empty", sub.id, sub.email, why))
+            continue
+        try:
+            out.append(engine.render(digest))
+        except Exception as exc:  # one reader's render never aborts the run
+            out.append(("error", sub.id, sub.email, str(exc)))
+        render_s += clock() - tock
+    return out, select_s, render_s
+
+
+_WORKER_ENGINE: Engine | None = None
+
+
+def _worker_start(
+    settings: Settings, day: PreparedDay, now: dt.datetime, json_logs: bool, parent: int
+) -> None:
+    """Process-pool initializer: templates loaded and papers prepared once per worker."""
+    global _WORKER_ENGINE
+    import signal
+
+    from . import logs
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides about stopping
+    _die_with_parent(parent)
+    logs.configure(json=json_logs)
+    _WORKER_ENGINE = Engine(settings, (), (), now, day=day)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive a main process killed with SIGKILL (it would wait for work
+    forever): on Linux the kernel sends it SIGKILL when its parent dies."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_chunk(items: Sequence[_Item], date: dt.date) -> _ChunkResult:
+    assert _WORKER_ENGINE is not None, "worker not initialised"
+    return _select_render(_WORKER_ENGINE, items, date)
+
+
+def _pool_size(settings: Settings, active: int, only: str | None) -> int:
+    """Worker processes for selection + rendering: ``delivery.render_workers`` if set, else
+    one per CPU for lists of at least POOL_MIN_SUBSCRIBERS; 0 renders in this process."""
+    wanted = settings.delivery.render_workers
+    if only is not None or wanted == 0:
+        return 0
+    if wanted is None:
+        return (os.cpu_count() or 1) if active >= POOL_MIN_SUBSCRIBERS else 0
+    return wanted
+
+
+class _Work:
+    """Selection + rendering of chunks of subscribers, in order: in a process pool (both
+    cores busy, the event loop free for the SMTP connections) or inline."""
+
+    def __init__(
+        self, settings: Settings, engine: Engine, date: dt.date, now: dt.datetime, workers: int
+    ) -> None:
+        self.engine = engine
+        self.date = date
+        self.pool: Executor | None = None
+        self.queue: deque[Future[_ChunkResult] | _ChunkResult] = deque()
+        self.chunk = RENDER_CHUNK
+        self.max_backlog = 2 * workers + 1
+        if workers:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # "spawn": clean workers (no copy of this process's threads and connections),
+            # direct children of this one, so they can die with it (_die_with_parent).
+            self.pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_start,
+                initargs=(settings, engine.day, now, _json_logs(), os.getpid()),
+            )
+            log.info("render pool started", workers=workers)
+
+    def backlog(self) -> int:
+        return len(self.queue)
+
+    def submit(self, items: Sequence[_Item]) -> None:
+        if self.pool is None:
+            self.queue.append(_select_render(self.engine, items, self.date))
+        else:
+            self.queue.append(self.pool.submit(_worker_chunk, list(items), self.date))
+
+    async def next_result(self, stages: dict[str, float]) -> list[_Outcome]:
+        head = self.queue.popleft()
+        if isinstance(head, Future):
+            head = await asyncio.wrap_future(head)
+        outcomes, select_s, render_s = head
+        stages["select"] += select_s
+        stages["render"] += render_s
+        return outcomes
+
+    def close(self) -> None:
+        self.queue.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def _json_logs() -> bool:
+    """Whether this process logs JSON lines (so pool workers log the same way)."""
+    processors = structlog.get_config().get("processors") or [None]
+    return isinstance(processors[-1], structlog.processors.JSONRenderer)
+
+
+class _GroupCommit:
+    """Commits the server's replies to the ledger in groups (one transaction each).
+
+    ``record`` returns once *its* reply is on disk. A reply that arrives while a commit runs
+    joins the next one: no timer, no added latency when idle, and a group never holds more
+    than the replies of the transactions that finished meanwhile. Since every sender keeps
+    its connection slot until ``record`` returns, at most ``delivery.concurrency`` messages
+    are ever with the server without their outcome committed: grouping does not raise the
+    number of duplicates a crash can cause.
+    """
+
+    def __init__(self, store: Store, stages: dict[str, float]) -> None:
+        self.store = store
+        self.stages = stages
+        self.pending: list[tuple[Delivery, asyncio.Future[None]]] = []
+        self.leader: asyncio.Task[None] | None = None
+        self.groups = 0
+
+    async def record(self, delivery: Delivery) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append((delivery, done))
+        if self.leader is None:
+            self.leader = asyncio.create_task(self._commit_all())
+        await done
+
+    async def _commit_all(self) -> None:
+        try:
+            while self.pending:
+                group, self.pending = self.pending, []
+                tick = time.perf_counter()
+                try:
+                    await self.store.record_many([(d, None) for d, _ in group])
+                except BaseException as exc:
+                    for _, done in group:
+                        if not done.done():
+                            done.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                finally:
+                    self.stages["ledger"] += time.perf_counter() - tick
+                self.groups += 1
+                for _, done in group:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self.leader = None
+            for _, done in self.pending:  # only left when cancelled
+                if not done.done():
+                    done.cancel()
+            self.pending = []
 
 
 class _Sender:
@@ -400,6 +686,11 @@ class _Sender:
         self.policy_streak = 0  # consecutive 5.7.x rejections
         self.paused_reason = ""
         self.fatal: BaseException | None = None  # a transport error that hits every message
+        self.stages = summary.stages
+        self.ledger = _GroupCommit(store, summary.stages)
+        # Shared by every batch in flight: never more than ``concurrency`` messages handed to
+        # the server without their reply committed (the crash bound).
+        self.limit = asyncio.Semaphore(settings.delivery.concurrency)
 
     def halted(self) -> bool:
         return bool(
@@ -410,6 +701,7 @@ class _Sender:
         """One transaction; a setup-level failure (TLS, login, sender refused) halts the run."""
         from .errors import ConfigError, TransportSetupError
 
+        tick = time.perf_counter()
         try:
             return cast(Delivery, await self.transport.send(message, self.envelope_from))
         except (TransportSetupError, ConfigError) as exc:
@@ -417,16 +709,20 @@ class _Sender:
                 self.fatal = exc
                 log.error("transport failed; stopping the run", error=str(exc))
             return None
+        finally:
+            self.stages["send"] += time.perf_counter() - tick
 
     async def send_batch(self, messages: Sequence[RenderedDigest]) -> None:
         if not messages:
             return
+        tick = time.perf_counter()
         claimed = await self.store.claim_many(
             [(m.subscriber_id, m.message_id, m.paper_ids) for m in messages], self.date, self.run_id
         )
+        self.stages["ledger"] += time.perf_counter() - tick
         todo = [m for m in messages if m.subscriber_id in claimed]
         self.summary.skipped += len(messages) - len(todo)
-        limit = asyncio.Semaphore(self.settings.delivery.concurrency)
+        limit = self.limit
         unsent: list[RenderedDigest] = []
 
         async def one(message: RenderedDigest) -> None:
@@ -492,9 +788,10 @@ class _Sender:
                 reply=f"gave up after {attempt} attempts: {delivery.reply}",
             )
         state = delivery.state
-        await self.store.record(delivery)
+        await self.ledger.record(delivery)
         if state == "accepted":
             self.summary.sent += 1
+            self.summary.sent_bytes += len(message.message)
             self.deferred.pop(sub_id, None)
         elif state in ("deferred", "unknown"):
             if state == "unknown":
