@@ -1,0 +1,518 @@
+"""Render a :class:`~digestd.models.Digest` into a :class:`~digestd.models.RenderedDigest`.
+
+Pure apart from reading the templates once, in :class:`Renderer`'s constructor: the time
+comes in through :class:`RenderContext`, and the same digest and context always give the
+same bytes.
+
+Safety: every piece of paper or subscriber text is cleaned (control, bidi-override and
+surrogate characters removed), TeX is turned into text (:mod:`digestd.texify`), and the
+HTML template autoescapes everything, so a title like ``"><script>`` stays text. Only
+``http(s)`` links without credentials are ever put in an ``href``.
+
+Size: the HTML part is kept under :data:`HTML_SIZE_BUDGET` encoded octets whatever the
+number of papers — lower-ranked entries are shortened first, then reduced to their titles,
+then left out behind an "N more" line (see :func:`_plan`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import re
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
+
+import css_inline
+import jinja2
+import structlog
+
+import digestd
+
+from .compose import (
+    MessageHeaders,
+    build_message,
+    encoded_size,
+    header_text,
+    list_id_value,
+    strip_controls,
+)
+from .errors import RenderError
+from .models import Digest, Pick, RenderedDigest, Subscriber
+from .texify import tex_to_text
+from .validation import normalize_arxiv_id
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+log = structlog.get_logger(__name__)
+
+HTML_SIZE_BUDGET = 90_000  # encoded octets; Gmail clips a message at about 102 KB
+_SIZE_TARGET = HTML_SIZE_BUDGET - 2_000  # head-room for the boundary and part headers
+TEXT_WIDTH = 72
+
+MAX_TITLE = 300
+MAX_AUTHOR = 80
+MAX_SUMMARY = 420
+MAX_SHORT_SUMMARY = 160
+MAX_REASON = 140
+MAX_REASONS = 4
+MAX_URL = 2_000
+
+_MONTHS = [
+    *("January", "February", "March", "April", "May", "June", "July"),
+    *("August", "September", "October", "November", "December"),
+]
+_WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_TOKEN = re.compile(r"^[A-Za-z0-9._~-]{16,512}$")
+_JINJA_COMMENT = re.compile(r"\{#.*?#\}", re.DOTALL)
+
+
+# --------------------------------------------------------------------------- links
+
+
+def unsubscribe_url(base_url: str, token: str) -> str:
+    """The one-click unsubscribe link (RFC 8058 POST target, GET shows a confirm page)."""
+    return f"{base_url.rstrip('/')}/unsubscribe/{quote(token, safe='')}"
+
+
+def preferences_url(base_url: str, token: str) -> str:
+    """The subscriber's preferences page."""
+    return f"{base_url.rstrip('/')}/preferences/{quote(token, safe='')}"
+
+
+def message_id_for(subscriber: Subscriber, date: dt.date, domain: str) -> str:
+    """``<digest.YYYY-MM-DD.HASH@domain>``: the same for a subscriber and date every time
+    (so a retried send is recognisable), unguessable without the subscriber's token."""
+    secret = subscriber.token or f"{subscriber.id}:{subscriber.email}"
+    digest = hashlib.sha256(
+        f"digestd-message-id\0{secret}\0{date.isoformat()}".encode("utf-8", "replace")
+    ).hexdigest()
+    return f"<digest.{date.isoformat()}.{digest[:32]}@{_ascii_domain(domain)}>"
+
+
+def _ascii_domain(domain: str) -> str:
+    text = domain.strip().lower()
+    try:
+        ascii_domain = text if text.isascii() else text.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise RenderError(f"domain {domain!r} is not a valid domain name") from None
+    if not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", ascii_domain):
+        raise RenderError(f"domain {domain!r} is not a valid domain name")
+    return ascii_domain
+
+
+def safe_url(raw: str | None) -> str:
+    """``raw`` if it is a usable http(s) link, percent-encoded where needed; else ``""``.
+
+    Rejects other schemes (``javascript:``, ``data:``…), control characters and spaces,
+    credentials in the authority (``https://huggingface.co@evil.example``) and huge URLs.
+    """
+    if not raw:
+        return ""
+    url = raw.strip()
+    if not url or len(url) > MAX_URL or strip_controls(url) != url or len(url.split()) != 1:
+        return ""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        _ = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return ""
+    if parts.scheme.lower() not in ("http", "https") or not host or "@" in parts.netloc:
+        return ""
+    if not host.isascii():
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return ""
+        url = url.replace(parts.netloc, parts.netloc.lower().replace(host, ascii_host), 1)
+    return quote(url, safe=":/?#[]@!$&'()*+,;=%~-._")
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenderContext:
+    """What a render needs besides the digest; ``now`` (aware) becomes the Date header."""
+
+    from_address: str
+    from_name: str
+    base_url: str
+    list_id: str
+    postal_address: str = ""
+    precedence: str = "bulk"
+    feedback_id: str = ""
+    subject_template: str = "Your papers for {date}"
+    reply_to: str = ""
+    now: dt.datetime
+
+    @classmethod
+    def from_settings(cls, settings: Settings, now: dt.datetime) -> RenderContext:
+        d = settings.digest
+        return cls(
+            from_address=d.from_address,
+            from_name=d.from_name,
+            base_url=d.base_url,
+            list_id=d.effective_list_id,
+            postal_address=d.postal_address,
+            precedence=d.precedence,
+            feedback_id=d.feedback_id,
+            subject_template=d.subject,
+            reply_to=d.reply_to,
+            now=now,
+        )
+
+    @property
+    def domain(self) -> str:
+        return self.from_address.rpartition("@")[2]
+
+    @property
+    def list_name(self) -> str:
+        match = re.fullmatch(r"\s*(.*?)\s*<[^<>]*>\s*", self.list_id)
+        name = match.group(1) if match else ""
+        return clean_text(name.strip('"') or self.from_name, 100) or "digestd"
+
+
+# --------------------------------------------------------------------------- view model
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    label: str
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One paper as the templates show it; every string is clean plain text."""
+
+    rank: int
+    paper_id: str
+    title: str
+    url: str
+    authors: str
+    upvotes_text: str
+    comments_text: str
+    categories: str
+    summary: str
+    reasons: tuple[str, ...]
+    links: tuple[Link, ...]
+    compact: bool = False
+
+    @property
+    def stats_text(self) -> str:
+        upvotes = ""
+        if self.upvotes_text:
+            upvotes = f"{self.upvotes_text} upvote" + ("" if self.upvotes_text == "1" else "s")
+        return " · ".join(p for p in (upvotes, self.comments_text, self.categories) if p)
+
+
+@dataclass(frozen=True, slots=True)
+class _Variants:
+    full: Entry
+    short: Entry
+    compact: Entry
+
+
+def clean_text(value: str, max_len: int) -> str:
+    """Plain text safe to show: invisible/format/control characters dropped, whitespace
+    collapsed, cut at a word boundary to ``max_len`` characters with an ellipsis."""
+    if not value:
+        return ""
+    return _trim(" ".join(strip_controls(value[: max_len * 4 + 64]).split()), max_len)
+
+
+def _trim(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    if cut < limit * 0.6:
+        cut = limit - 1
+    return text[:cut].rstrip(" ,;:.-–—(") + "…"
+
+
+@functools.lru_cache(maxsize=8192)
+def _tex(value: str, limit: int) -> str:
+    """TeX → text on a bounded prefix, then cleaned and trimmed to ``limit``.
+
+    Cached: in a run the same papers are rendered for many subscribers."""
+    prefix = value[: limit * 2 + 100]
+    return clean_text(tex_to_text(prefix), limit)
+
+
+def _authors(names: Sequence[str]) -> str:
+    shown = [_tex(n, MAX_AUTHOR) for n in names[:4]]
+    shown = [n for n in shown if n]
+    if len(names) > 4:
+        return ", ".join(shown[:3]) + " et al."
+    return ", ".join(shown)
+
+
+def _count(n: int | None) -> str:
+    return f"{n:,}" if n is not None and n >= 0 else ""
+
+
+def _plural(n: int, word: str) -> str:
+    if n < 0:
+        return ""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _entry_variants(rank: int, pick: Pick) -> _Variants:
+    paper = pick.paper
+    arxiv_id = normalize_arxiv_id(paper.id) if paper.id else None
+    url = safe_url(paper.url) or (f"https://arxiv.org/abs/{arxiv_id}" if arxiv_id else "")
+    title = _tex(paper.title, MAX_TITLE) or clean_text(paper.id, 100) or "(untitled)"
+    links: list[Link] = []
+    abs_url = f"https://arxiv.org/abs/{arxiv_id}" if arxiv_id else ""
+    if abs_url and url != abs_url:
+        links.append(Link("arXiv", abs_url))
+    pdf = safe_url(paper.pdf_url) or (f"https://arxiv.org/pdf/{arxiv_id}" if arxiv_id else "")
+    for label, link in (
+        ("PDF", pdf),
+        ("Code", safe_url(paper.code_url)),
+        ("Project page", safe_url(paper.project_url)),
+    ):
+        if link and link != url and all(link != seen.url for seen in links):
+            links.append(Link(label, link))
+    summary_source = paper.summary or paper.abstract or ""
+    reasons = tuple(r for r in (clean_text(r, MAX_REASON) for r in pick.reasons) if r)
+    full = Entry(
+        rank=rank,
+        paper_id=paper.id,
+        title=title,
+        url=url,
+        authors=_authors(paper.authors),
+        upvotes_text=_count(paper.upvotes),
+        comments_text=_plural(paper.comments, "comment") if paper.comments else "",
+        categories=" ".join(clean_text(c, 20) for c in paper.categories[:2]),
+        summary=_tex(summary_source, MAX_SUMMARY),
+        reasons=reasons[:MAX_REASONS],
+        links=tuple(links),
+    )
+    short = replace(
+        full,
+        summary=_trim(full.summary, MAX_SHORT_SUMMARY),
+        reasons=reasons[:1],
+        links=tuple(link for link in links if link.label == "PDF"),
+    )
+    return _Variants(full=full, short=short, compact=replace(short, compact=True))
+
+
+def _plan(variants: Sequence[_Variants], step: int) -> list[Entry]:
+    """The entries shown at degradation ``step`` (0 = everything in full, 3n = nothing).
+
+    Steps 1..n shorten entries from the bottom up, n+1..2n reduce them (again from the
+    bottom) to titles, and 2n+1..3n leave the lowest-ranked ones out ("N more").
+    """
+    n = len(variants)
+    if step <= n:
+        return [v.full if i < n - step else v.short for i, v in enumerate(variants)]
+    if step <= 2 * n:
+        return [v.short if i < 2 * n - step else v.compact for i, v in enumerate(variants)]
+    return [v.compact for v in variants[: max(0, 3 * n - step)]]
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _find_templates() -> Path:
+    here = Path(digestd.__file__).parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if (candidate / "digest.html").is_file():
+            return candidate
+    raise RenderError(f"templates not found in {here / 'templates'} or {here.parent / 'templates'}")
+
+
+def _wrap(text: str, width: int = TEXT_WIDTH, indent: str = "", first: str | None = None) -> str:
+    """Wrap for the plain-text part: never breaks URLs or words, keeps ``indent``."""
+    return textwrap.fill(
+        text,
+        width=width,
+        initial_indent=indent if first is None else first,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def _long_date(date: dt.date) -> str:
+    return f"{_WEEKDAYS[date.weekday()]}, {date.day} {_MONTHS[date.month - 1]} {date.year}"
+
+
+def _subject(template: str, date: dt.date, count: int) -> str:
+    """Fill ``{date}``, ``{weekday}`` and ``{count}``; anything else stays literal (no
+    str.format, so a template can never reach attributes)."""
+    values = {
+        "{date}": f"{date.day} {_MONTHS[date.month - 1]} {date.year}",
+        "{weekday}": _WEEKDAYS[date.weekday()],
+        "{count}": str(count),
+    }
+    text = re.sub(r"\{(date|weekday|count)\}", lambda m: values[m.group(0)], template)
+    return header_text(text, 200) or f"Your papers for {values['{date}']}"
+
+
+def _interests(subscriber: Subscriber) -> str:
+    prefs = subscriber.prefs
+    items = [
+        *prefs.keywords,
+        *prefs.categories,
+        *(f"papers by {a}" for a in prefs.authors),
+        *(f"papers like {s}" for s in prefs.seed_papers),
+    ]
+    items = [clean_text(i, 60) for i in items if clean_text(i, 60)]
+    if len(items) > 5:
+        return ", ".join(items[:5]) + f" and {len(items) - 5} more"
+    return ", ".join(items)
+
+
+class Renderer:
+    """Loads and prepares the templates once; :meth:`render` is then pure."""
+
+    def __init__(self, templates_dir: Path | None = None) -> None:
+        directory = templates_dir if templates_dir is not None else _find_templates()
+        self.templates_dir = directory
+        self._env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(directory),
+            autoescape=jinja2.select_autoescape(
+                enabled_extensions=("html", "htm", "xml"),
+                disabled_extensions=("txt",),
+                default_for_string=True,
+                default=True,
+            ),
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+        self._env.filters["wrap"] = _wrap
+        try:
+            source = (directory / "digest.html").read_text(encoding="utf-8")
+            # Inline once, here: the Jinja markup survives css-inline's HTML round trip as
+            # text and attribute values (see the note at the top of digest.html).
+            inliner = css_inline.CSSInliner(
+                keep_at_rules=True, minify_css=True, load_remote_stylesheets=False
+            )
+            inlined = inliner.inline(_JINJA_COMMENT.sub("", source)).rstrip("\n") + "\n"
+            self._html = self._env.from_string(inlined)
+            self._text = self._env.get_template("digest.txt")
+        except (OSError, UnicodeError, jinja2.TemplateError, css_inline.InlineError) as exc:
+            raise RenderError(f"cannot load the templates in {directory}: {exc}") from exc
+
+    def render(self, digest: Digest, ctx: RenderContext) -> RenderedDigest:
+        """The finished message for ``digest``; raises RenderError (that subscriber only)."""
+        try:
+            return self._render(digest, ctx)
+        except RenderError:
+            raise
+        except Exception as exc:  # a template or data bug must not stop other subscribers
+            raise RenderError(
+                f"cannot render the digest for subscriber {digest.subscriber.id}: {exc!r}"
+            ) from exc
+
+    def _render(self, digest: Digest, ctx: RenderContext) -> RenderedDigest:
+        sub = digest.subscriber
+        if not _TOKEN.match(sub.token):
+            raise RenderError(f"subscriber {sub.id} has no usable link token")
+        if ctx.now.tzinfo is None or ctx.now.utcoffset() is None:
+            raise RenderError("RenderContext.now must be timezone-aware")
+        base_url = safe_url(ctx.base_url).rstrip("/")
+        if not base_url:
+            raise RenderError(f"base_url {ctx.base_url!r} is not an http(s) URL")
+        variants = [_entry_variants(i, pick) for i, pick in enumerate(digest.picks, start=1)]
+        count = len(variants)
+        subject = _subject(ctx.subject_template, digest.date, count)
+        list_name = ctx.list_name
+        list_id_value(ctx.list_id, list_name)  # a bad list_id fails before any rendering
+        name = clean_text(sub.name, 60)
+        common = {
+            "subject": subject,
+            "list_name": list_name,
+            "heading": f"Your papers for {_long_date(digest.date)}",
+            "recipient": clean_text(sub.email, 254),
+            "interests": _interests(sub),
+            "preferences_url": preferences_url(base_url, sub.token),
+            "unsubscribe_url": unsubscribe_url(base_url, sub.token),
+            "postal_address": clean_text(ctx.postal_address, 300),
+        }
+
+        def context(entries: list[Entry]) -> dict[str, object]:
+            more = count - len(entries)
+            greeting = f"Hi {name} — " if name else ""
+            if count == 0:
+                lede = f"{greeting}no new papers matched your interests today."
+            else:
+                lede = (
+                    f"{greeting}{_plural(count, 'paper')} picked for you from the day’s "
+                    "trending research."
+                )
+            titles = [e.title for e in entries[:3]]
+            preheader = " · ".join(titles) + (f" and {more} more" if more else "")
+            return {
+                **common,
+                "entries": entries,
+                "more_count": more,
+                "more_text": f"{_plural(more, 'more paper')} matched today but did not fit "
+                "in this email.",
+                "lede": lede,
+                "preheader": _trim(preheader or lede, 140),
+            }
+
+        def html_for(step: int) -> tuple[str, list[Entry]]:
+            entries = _plan(variants, step)
+            return self._html.render(context(entries)), entries
+
+        html, entries = html_for(0)
+        if encoded_size(html) > _SIZE_TARGET:
+            lo, hi = 1, 3 * count  # smallest step whose HTML fits; size falls with the step
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if encoded_size(html_for(mid)[0]) <= _SIZE_TARGET:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            html, entries = html_for(lo)
+            if encoded_size(html) > _SIZE_TARGET:
+                raise RenderError(f"digest for subscriber {sub.id} cannot fit the size budget")
+            log.info("digest_shortened", subscriber_id=sub.id, papers=count, step=lo)
+        text = self._text.render(context(entries))
+        message_id = message_id_for(sub, digest.date, ctx.domain)
+        headers = MessageHeaders(
+            from_address=ctx.from_address,
+            from_name=ctx.from_name,
+            to_address=sub.email,
+            to_name=name,
+            subject=subject,
+            date=ctx.now,
+            message_id=message_id,
+            list_id=ctx.list_id,
+            list_name=list_name,
+            unsubscribe_url=common["unsubscribe_url"],
+            unsubscribe_mailto=_mailto(ctx.from_address, sub.token),
+            reply_to=ctx.reply_to,
+            precedence=ctx.precedence,
+            feedback_id=ctx.feedback_id,
+        )
+        message = build_message(headers, text=text, html=html)
+        return RenderedDigest(
+            subscriber_id=sub.id,
+            email=sub.email,
+            date=digest.date,
+            message_id=message_id,
+            subject=subject,
+            html=html,
+            text=text,
+            message=message,
+            paper_ids=tuple(e.paper_id for e in entries),
+        )
+
+
+def _mailto(address: str, token: str) -> str:
+    local, _, domain = address.rpartition("@")
+    return f"mailto:{quote(local, safe='.-_+')}@{_ascii_domain(domain)}?subject=unsubscribe-{token}"
