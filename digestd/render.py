@@ -29,6 +29,7 @@ from urllib.parse import quote, urlsplit
 
 import css_inline
 import jinja2
+import markupsafe
 import structlog
 
 import digestd
@@ -330,6 +331,20 @@ def _find_templates() -> Path:
     raise RenderError(f"templates not found in {here / 'templates'} or {here.parent / 'templates'}")
 
 
+_EMPHASIS = re.compile(r"\*([^*]+)\*")
+
+
+def emphasis_html(text: str) -> markupsafe.Markup:
+    """A reason's ``*phrase*`` as <em>phrase</em>; everything else escaped."""
+    escaped = str(markupsafe.escape(text))
+    return markupsafe.Markup(_EMPHASIS.sub(r"<em>\1</em>", escaped))  # noqa: S704 (escaped above)
+
+
+def emphasis_text(text: str) -> str:
+    """A reason's ``*phrase*`` as “phrase” for the plain-text part."""
+    return _EMPHASIS.sub("\u201c\\1\u201d", text)
+
+
 def _wrap(text: str, width: int = TEXT_WIDTH, indent: str = "", first: str | None = None) -> str:
     """Wrap for the plain-text part: never breaks URLs or words, keeps ``indent``."""
     return textwrap.fill(
@@ -392,6 +407,8 @@ class Renderer:
             keep_trailing_newline=True,
         )
         self._env.filters["wrap"] = _wrap
+        self._env.filters["emphasis_html"] = emphasis_html
+        self._env.filters["emphasis_text"] = emphasis_text
         try:
             source = (directory / "digest.html").read_text(encoding="utf-8")
             # Inline once, here: the Jinja markup survives css-inline's HTML round trip as

@@ -39,7 +39,7 @@ from digestd.render import (
 
 # Every tag the template itself uses; anything else in a rendered digest was injected.
 TEMPLATE_TAGS = {"html", "head", "meta", "title", "style", "body", "div", "table", "tbody"}
-TEMPLATE_TAGS |= {"tr", "td", "p", "h1", "h2", "a", "span"}
+TEMPLATE_TAGS |= {"tr", "td", "p", "h1", "h2", "a", "span", "em"}
 
 
 def one_paper(**fields: object) -> Digest:
@@ -178,6 +178,19 @@ def test_markup_in_paper_and_subscriber_fields_stays_text() -> None:
     assert "&lt;script&gt;" in rendered.html
     assert evil in "".join(found.text)  # shown, as text
     assert evil in rendered.text  # the text part is plain text: shown as is
+
+
+def test_reason_phrases_are_emphasised_and_still_escaped() -> None:
+    """Selection's *phrase* becomes <em> in HTML and “phrase” in text; markup stays text."""
+    paper = fixture_papers()[0]
+    reasons = ("title matches *mixture of experts*", "by *<b>Ada</b>*")
+    dig = Digest(subscriber(), DATE, (Pick(paper, 1.0, reasons),))
+    rendered = renderer().render(dig, context())
+    assert "<em>mixture of experts</em>" in rendered.html
+    assert "<em>&lt;b&gt;Ada&lt;/b&gt;</em>" in rendered.html
+    assert "*mixture" not in rendered.html
+    assert "\u201cmixture of experts\u201d" in rendered.text
+    assert "*" not in rendered.text.split("Picked because:")[1].split("\n\n")[0]
 
 
 def test_unsafe_links_are_never_put_in_href() -> None:
