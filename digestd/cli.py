@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -175,9 +176,19 @@ def run_once(ctx: Ctx, date_: str | None, dry_run: bool, only: str | None) -> No
     progress = _progress_printer() if sys.stderr.isatty() else None
 
     async def go(store: Store) -> Any:
-        return await do_run(settings, store, day, dry_run=dry_run, only=email, progress=progress)
+        # SIGTERM/SIGINT: finish the transactions in flight, start no new one, record the
+        # rest as pending for the next run.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await do_run(
+            settings, store, day, dry_run=dry_run, only=email, progress=progress, stop=stop
+        )
 
     summary = ctx.with_store(go)
+    if progress is not None:
+        click.echo(err=True)  # end the progress line
     if dry_run:
         for msg in summary.dry_run_messages:
             click.echo(f"would send to {msg.email}: {msg.subject} ({len(msg.paper_ids)} papers)")
@@ -191,8 +202,25 @@ def run_once(ctx: Ctx, date_: str | None, dry_run: bool, only: str | None) -> No
 
 
 def _progress_printer() -> Callable[[str], None]:
+    """One self-rewriting line on the terminal: a bar, counts, rate and time left."""
+    import time
+
+    started = time.monotonic()
+    width = 24
+
     def show(text: str) -> None:
-        click.echo(f"\r{text}", nl=False, err=True)
+        done, total = getattr(text, "done", 0), getattr(text, "total", 0)
+        elapsed = max(time.monotonic() - started, 1e-6)
+        line = str(text)
+        if total:
+            filled = min(width, width * done // total)
+            rate = getattr(text, "sent", 0) / elapsed
+            left = (total - done) * elapsed / done if done else 0.0
+            line = (
+                f"[{'#' * filled}{'.' * (width - filled)}] {100 * done // total:3d}%  {line}"
+                f"  {rate:,.0f}/s  {int(left) // 60}:{int(left) % 60:02d} left"
+            )
+        click.echo(f"\r\x1b[2K{line}", nl=False, err=True)
 
     return show
 
