@@ -103,6 +103,8 @@ class DeliveryConfig(_Section):
     rate_per_second: float = Field(default=0.0, ge=0.0)  # 0 = unlimited
     max_attempts: int = Field(default=5, ge=1, le=50)
     messages_per_connection: int = Field(default=100, ge=1)
+    # Processes selecting and rendering digests; unset = one per CPU for large lists, 0 = none.
+    render_workers: int | None = Field(default=None, ge=0, le=64)
     write_html_copy: bool = False
 
 
@@ -115,6 +117,8 @@ class SmtpConfig(_Section):
     timeout: float = Field(default=30.0, gt=0, le=600)
     verify_certificates: bool = True
     ca_file: Path | None = None
+    # Send MAIL, RCPT and DATA together when the server offers PIPELINING (RFC 2920).
+    pipelining: bool = True
 
     def password(self) -> str | None:
         """The SMTP password: $DIGESTD_SMTP_PASSWORD, the systemd credential, or the file."""
