@@ -116,6 +116,7 @@ pass_ctx = click.make_pass_decorator(Ctx)
 def cli(ctx: click.Context, config: str | None, log_format: str | None) -> None:
     """digestd — a daily digest of trending research papers, by email."""
     ctx.obj = Ctx(config, log_format)
+    ctx.obj.setup_logging()
 
 
 # ---------------------------------------------------------------------------- run / run-once
@@ -502,33 +503,9 @@ def _changes(opts: dict[str, Any], *, replace_lists: bool) -> dict[str, Any]:
 
 
 async def _check_seeds(settings: Settings, store: Store, prefs: Preferences) -> None:
-    """Every seed paper must be known: in the store, else fetched once and cached."""
-    from .errors import SourceError, ValidationError
+    from .pipeline import ensure_seed_papers
 
-    missing = [pid for pid in prefs.seed_papers if pid not in await store.get_papers([pid])]
-    if not missing:
-        return
-    from . import sources
-    from .config import HfDailySource
-
-    hf_base = next(
-        (s.base_url for s in settings.sources if isinstance(s, HfDailySource)),
-        "https://huggingface.co",
-    )
-    problems = []
-    async with sources.make_client(settings.fetch) as client:
-        for pid in missing:
-            try:
-                paper = await sources.fetch_paper(client, pid, hf_base=hf_base)
-            except SourceError as exc:
-                problems.append(f"seed paper {pid!r}: could not be looked up ({exc})")
-                continue
-            if paper is None:
-                problems.append(f"seed paper {pid!r}: no such paper on Hugging Face or arXiv")
-            else:
-                await store.upsert_papers([paper])
-    if problems:
-        raise ValidationError(problems)
+    await ensure_seed_papers(settings, store, prefs.seed_papers)
 
 
 def _print_subscriber(sub: Subscriber, as_json: bool) -> None:

@@ -72,6 +72,7 @@ __all__ = [
     "is_hard_bounce",
     "is_policy",
     "make_transport",
+    "wire_checked",
 ]
 
 
@@ -221,19 +222,54 @@ def _one_line(text: object, limit: int = 300) -> str:
 _BARE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
+class _WireReady(bytes):
+    """Message bytes whose DATA payload is already worked out (see :func:`wire_checked`):
+    ``payload`` is the dot-stuffed form when it differs from the message itself."""
+
+    payload: bytes | None = None
+    size: int = 0  # the RFC 1870 size, with ``payload``
+
+
+def wire_checked(message: bytes) -> bytes:
+    """``message`` with its DATA payload (CRLF line ends, dot-stuffed) worked out and
+    attached, so that sending it needs no scan. That costs ~60 µs for 30 KB (QP soft line
+    breaks often start a line with "."); the pipeline does it in its render workers so the
+    process driving the SMTP connections does not have to. The result is equal to
+    ``message`` and survives pickling; plain bytes are still handled at send time.
+    """
+    if type(message) is _WireReady:
+        return message
+    payload, size = _data_payload(message)
+    if payload[:-3] != message:  # CRLF fixes are not worth keeping: the send rewrites them
+        crlf = message.count(b"\r\n")
+        if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+            return message
+    ready = _WireReady(message)
+    if payload[:-3] != message:
+        ready.payload, ready.size = payload, size
+    return ready
+
+
 def _data_payload(message: bytes) -> tuple[bytes, int]:
     """The DATA payload (CRLF line endings, dot-stuffed, ending in ``CRLF.CRLF``) and the
     message size as RFC 1870 counts it (CRLF line endings, without the stuffing and the dot).
 
     Byte-level operations only (no regex on the usual, already-CRLF message): ~60 µs for
-    30 KB, which matters at 100,000 messages a run.
+    30 KB, which matters at 100,000 messages a run; nothing but the final dot for bytes
+    :func:`wire_checked` has marked.
     """
+    if type(message) is _WireReady:
+        if message.payload is not None:
+            return message.payload, message.size
+        return message + b".\r\n", len(message)
     crlf = message.count(b"\r\n")
     if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
         message = _BARE_LINE_ENDING.sub(b"\r\n", message)
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
-    stuffed = message.replace(b"\n.", b"\n..")  # every LF is part of a CRLF by now
+    # Every LF is part of a CRLF by now. Lines starting with "." are rare in rendered mail,
+    # and the search is ~50x cheaper than a replace that finds nothing.
+    stuffed = message.replace(b"\n.", b"\n..") if b"\n." in message else message
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
     return stuffed + b".\r\n", len(message)
@@ -296,6 +332,153 @@ class _Connection:
     def extension(self, name: str) -> str | None:
         return self.smtp.esmtp_extensions.get(name)
 
+    def pipelining(self, enabled: bool) -> _ReplyQueue | None:
+        """The connection's reply queue when MAIL, RCPT and DATA may go out together."""
+        protocol = self.smtp.protocol
+        if enabled and self.extension("pipelining") is not None and _is_reply_queue(protocol):
+            return protocol  # type: ignore[return-value]
+        return None
+
+
+# ------------------------------------------------------------------ PIPELINING (RFC 2920)
+
+
+class _ReplyQueue(Protocol):
+    """What the pipelined transaction needs from the connection's protocol."""
+
+    def expect(self, count: int) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    async def read_response(self) -> aiosmtplib.SMTPResponse: ...
+
+
+_REPLY_QUEUE_CLASS: type | None = None
+
+
+def _is_reply_queue(protocol: object) -> bool:
+    return _REPLY_QUEUE_CLASS is not None and isinstance(protocol, _REPLY_QUEUE_CLASS)
+
+
+def _reply_queue_class() -> type:
+    """aiosmtplib's protocol, reading every reply that arrives, in order.
+
+    aiosmtplib's ``SMTPProtocol`` parses one reply per incoming chunk and ignores data that
+    arrives while a parsed reply waits to be picked up: fine for one command at a time, but
+    with PIPELINING several replies often arrive in one segment. This subclass parses every
+    complete reply in each chunk into a queue; ``read_response`` hands them out in order.
+    ``expect(n)`` announces how many replies the next write asks for; a reply nobody asked
+    for (e.g. injected after a STARTTLS 220) is still dropped, as aiosmtplib does.
+    Defined lazily so that importing this module does not import aiosmtplib.
+    """
+    global _REPLY_QUEUE_CLASS
+    if _REPLY_QUEUE_CLASS is not None:
+        return _REPLY_QUEUE_CLASS
+    import collections
+
+    from aiosmtplib import SMTPResponse, SMTPServerDisconnected
+    from aiosmtplib.errors import SMTPReadTimeoutError, SMTPResponseException
+    from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
+
+    class ReplyQueueProtocol(SMTPProtocol):
+        def __init__(self, old: SMTPProtocol) -> None:
+            super().__init__(loop=old._loop, connection_lost_callback=None)
+            self._replies: collections.deque[SMTPResponse] = collections.deque()
+            self._expected = 0
+            self._waiter: asyncio.Future[SMTPResponse] | None = None
+            self._broken: BaseException | None = None
+            # Take over the live connection (the greeting has been read; nothing is pending).
+            self.transport = old.transport
+            self._over_ssl = old._over_ssl
+            self._command_lock = old._command_lock
+            self._response_waiter = self._loop.create_future()
+            self._buffer = old._buffer
+            self._connection_lost_callback = old._connection_lost_callback
+
+        def expect(self, count: int) -> None:
+            self._expected += count
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport is None or self._broken is not None:
+                return
+            self._buffer.extend(data)
+            while True:
+                try:
+                    reply = self._read_response_from_buffer()
+                except Exception as exc:
+                    del self._buffer[:]
+                    self._fail(exc)
+                    return
+                if reply is None:
+                    break
+                if self._expected <= 0:
+                    continue  # unsolicited: never pair it with a later command
+                self._expected -= 1
+                waiter, self._waiter = self._waiter, None
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(reply)
+                else:
+                    self._replies.append(reply)
+            if len(self._buffer) > MAX_RESPONSE_LENGTH:
+                del self._buffer[:]
+                self._fail(SMTPResponseException(-1, "Response too long"))
+
+        def eof_received(self) -> bool:
+            self._fail(SMTPServerDisconnected("Unexpected EOF received"))
+            return False
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._quit_sent and self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(SMTPResponse(221, ""))
+            error = SMTPServerDisconnected("Connection lost")
+            if exc is not None:
+                error.__cause__ = exc
+            self._fail(error)
+            super().connection_lost(exc)
+
+        def _fail(self, exc: BaseException) -> None:
+            if self._broken is None:
+                self._broken = exc
+            waiter, self._waiter = self._waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+                waiter.exception()  # retrieved: nobody may be left to await it
+
+        async def read_response(self, timeout: float | None = None) -> SMTPResponse:  # noqa: ASYNC109 (aiosmtplib's signature)
+            if self._replies:
+                return self._replies.popleft()
+            if self._broken is not None:
+                raise self._broken
+            if self.transport is None:
+                raise SMTPServerDisconnected("Connection lost")
+            if self._expected <= 0:
+                self._expected = 1  # a single command, not announced with expect()
+            waiter: asyncio.Future[SMTPResponse] = self._loop.create_future()
+            self._waiter = waiter
+            try:
+                if timeout is None:
+                    return await waiter
+                async with asyncio.timeout(timeout):
+                    return await waiter
+            except TimeoutError as exc:
+                raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+
+    _REPLY_QUEUE_CLASS = ReplyQueueProtocol
+    return ReplyQueueProtocol
+
+
+def _install_reply_queue(smtp: aiosmtplib.SMTP) -> None:
+    """Swap the connected client's protocol for the reply-queue one (same transport)."""
+    old = smtp.protocol
+    if old is None or old.transport is None:
+        return
+    new = _reply_queue_class()(old)
+    old.transport.set_protocol(new)
+    smtp.protocol = new
+
 
 @dataclass(frozen=True)
 class _Outcome:
@@ -328,6 +511,7 @@ class SmtpTransport:
         self._prepare_lock = asyncio.Lock()
         self._closed = False
         self._where = f"{settings.host}:{settings.port}"
+        self._sender_ok = ""  # the envelope sender last found well-formed
 
     async def __aenter__(self) -> Self:
         self._closed = False
@@ -361,9 +545,11 @@ class SmtpTransport:
         """Send one message; returns its Delivery (see the module docstring for the states)."""
         if self._closed:
             raise DeliveryError("the SMTP transport is closed")
-        problem = _address_problem(envelope_from, "sender")
-        if problem:
-            raise TransportSetupError(f"envelope sender {envelope_from!r}: {problem}")
+        if envelope_from != self._sender_ok:
+            problem = _address_problem(envelope_from, "sender")
+            if problem:
+                raise TransportSetupError(f"envelope sender {envelope_from!r}: {problem}")
+            self._sender_ok = envelope_from
         problem = _address_problem(message.email, "recipient")
         if problem:
             return _delivery(message, "failed", _local_reply(553, "5.1.3", problem))
@@ -478,6 +664,7 @@ class SmtpTransport:
         try:
             async with asyncio.timeout(s.timeout):
                 await smtp.connect()
+                _install_reply_queue(smtp)
                 step = "greeting"
                 await _hello(smtp)
                 if s.security == "starttls":
@@ -585,10 +772,47 @@ class SmtpTransport:
             return mail_args
         phase: Phase = "mail"
         progress = _Progress()
+        pipe = conn.pipelining(self.settings.pipelining)
+        owed = 0  # replies of a refused pipelined group not read yet
+
+        async def pipelined() -> tuple[aiosmtplib.SMTPResponse, bool]:
+            """MAIL, RCPT and DATA in one write (RFC 2920), then each reply in order: two
+            round trips instead of four. Every reply is still checked on its own: the body
+            goes out only after MAIL and RCPT were accepted *and* DATA got its 354; if DATA
+            got a 354 anyway, a lone "." ends the empty transaction (RFC 2920 §3.1)."""
+            nonlocal phase, owed
+            assert pipe is not None
+            pipe.expect(3)
+            pipe.write(
+                b"MAIL "
+                + b" ".join(mail_args)
+                + b"\r\nRCPT TO:<"
+                + _enc(message.email)
+                + b">\r\nDATA\r\n"
+            )
+            mail = await pipe.read_response()
+            if mail.code != 250:
+                owed = 2
+                return mail, False
+            phase = "rcpt"
+            rcpt = await pipe.read_response()
+            if rcpt.code not in (250, 251):
+                owed = 1
+                return rcpt, False
+            phase = "data"
+            reply = await pipe.read_response()
+            if reply.code != 354:
+                return reply, False
+            phase = "body"
+            reply = await _send_body(smtp, payload, progress)
+            phase = "end"
+            return reply, True
 
         async def exchange() -> tuple[aiosmtplib.SMTPResponse, bool]:
             """The transaction's replies; ``(reply, False)`` when one refused it early."""
             nonlocal phase
+            if pipe is not None:
+                return await pipelined()
             reply = await smtp.execute_command(b"MAIL", *mail_args)
             if reply.code != 250:
                 return reply, False
@@ -624,6 +848,8 @@ class SmtpTransport:
                 return _Outcome("deferred", _local_reply(421, "4.4.2", why), False, stale=True)
             return self._lost(phase, progress.flushed, f"connection lost: {_one_line(exc, 120)}")
         if not completed:
+            if owed and pipe is not None:
+                await self._drain(conn, pipe, owed, reply)
             return await self._refused(conn, reply, phase)
         state = classify(reply.code, reply.message)
         keep = reply.code != 421 and smtp.is_connected
@@ -674,6 +900,32 @@ class SmtpTransport:
                 "failed", text, keep, setup_error=f"SMTP {self._where} refused the sender: {text}"
             )
         return _Outcome(state, text, keep)
+
+    async def _drain(
+        self,
+        conn: _Connection,
+        pipe: _ReplyQueue,
+        count: int,
+        refusal: aiosmtplib.SMTPResponse,
+    ) -> None:
+        """Read the ``count`` replies still owed after ``refusal`` in a pipelined group, so the
+        connection stays in step. A 354 among them (DATA accepted although MAIL or RCPT was
+        refused) gets a lone "." (RFC 2920 §3.1): no content is ever sent. A connection that
+        cannot be brought back in step (421, lost, garbled, slow) is closed; the refusal
+        stands either way."""
+        if refusal.code == 421 or not conn.alive:
+            conn.smtp.close()
+            return
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                for _ in range(count):
+                    reply = await pipe.read_response()
+                    if reply.code == 354:
+                        pipe.expect(1)
+                        pipe.write(b".\r\n")
+                        await pipe.read_response()
+        except Exception:
+            conn.smtp.close()
 
     async def _rset(self, conn: _Connection) -> bool:
         """RSET after a refused transaction; False when the connection should be dropped."""

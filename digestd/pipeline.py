@@ -130,11 +130,53 @@ async def fetch_papers(
         )
     async with sources.make_client(settings.fetch) as client:
         result = await sources.fetch_all(settings.sources, date, client, settings.fetch)
-    for name, count in result.counts:
-        log.info("source fetched", source=name, papers=count)
-    for name, reason in result.failures:
-        log.warning("source failed", source=name, reason=reason)
+    # Each source logs its own outcome (sources.fetch_all).
     return list(result.papers), list(result.failures)
+
+
+async def ensure_seed_papers(settings: Settings, store: Store, ids: Sequence[str]) -> None:
+    """Every seed paper must be known, so an unknown id fails at add/set time, not at send.
+
+    Looked up in the store, then in the configured ``file`` sources (offline use), then
+    fetched once (Hugging Face, else the arXiv API) and cached in the store.
+    """
+    from . import sources
+    from .config import FileSource, HfDailySource
+    from .errors import SourceError, ValidationError
+
+    known = await store.get_papers(ids)
+    missing = [pid for pid in ids if pid not in known]
+    for source in settings.sources:
+        if not missing or not isinstance(source, FileSource):
+            continue
+        try:
+            found = {p.id: p for p in sources.load_papers_file(source.path)}
+        except (SourceError, OSError):
+            continue  # a broken file is reported when the run fetches it
+        hits = [found[pid] for pid in missing if pid in found]
+        if hits:
+            await store.upsert_papers(hits)
+            missing = [pid for pid in missing if pid not in found]
+    if not missing:
+        return
+    hf_base = next(
+        (s.base_url for s in settings.sources if isinstance(s, HfDailySource)),
+        "https://huggingface.co",
+    )
+    problems = []
+    async with sources.make_client(settings.fetch) as client:
+        for pid in missing:
+            try:
+                paper = await sources.fetch_paper(client, pid, hf_base=hf_base)
+            except SourceError as exc:
+                problems.append(f"seed paper {pid!r}: could not be looked up ({exc})")
+                continue
+            if paper is None:
+                problems.append(f"seed paper {pid!r}: no such paper on Hugging Face or arXiv")
+            else:
+                await store.upsert_papers([paper])
+    if problems:
+        raise ValidationError(problems)
 
 
 class Engine:
@@ -365,7 +407,10 @@ async def _run(
             1 if only is not None else (await store.count_subscribers()).get("active", 0)
         )
         workers = _pool_size(settings, summary.active, only)
-        work = _Work(settings, engine, date, now, workers)
+        # The sender needs only the message bytes: the HTML and text parts stay in the
+        # workers unless a dry run prints them or a Maildir keeps an .html copy.
+        keep_parts = dry_run or settings.delivery.transport != "smtp"
+        work = _Work(settings, engine, date, now, workers, keep_parts)
         sending: set[asyncio.Task[None]] = set()
 
         async def take(ready: list[RenderedDigest]) -> None:
@@ -473,8 +518,12 @@ _Outcome = RenderedDigest | tuple[str, int, str, str]
 _ChunkResult = tuple[list[_Outcome], float, float]  # outcomes, select s, render s
 
 
-def _select_render(engine: Engine, items: Sequence[_Item], date: dt.date) -> _ChunkResult:
+def _select_render(
+    engine: Engine, items: Sequence[_Item], date: dt.date, keep_parts: bool = True
+) -> _ChunkResult:
     """Select and render one chunk of subscribers (in the main process or a worker)."""
+    from .deliver import wire_checked
+
     send_empty = engine.settings.digest.send_empty
     out: list[_Outcome] = []
     select_s = render_s = 0.0
@@ -488,7 +537,12 @@ def _select_render(engine: Engine, items: Sequence[_Item], date: dt.date) -> _Ch
             out.append(("empty", sub.id, sub.email, why))
             continue
         try:
-            out.append(engine.render(digest))
+            rendered = engine.render(digest)
+            message = wire_checked(rendered.message)
+            if keep_parts:
+                out.append(replace(rendered, message=message))
+            else:
+                out.append(replace(rendered, message=message, html="", text=""))
         except Exception as exc:  # one reader's render never aborts the run
             out.append(("error", sub.id, sub.email, str(exc)))
         render_s += clock() - tock
@@ -528,9 +582,9 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_chunk(items: Sequence[_Item], date: dt.date) -> _ChunkResult:
+def _worker_chunk(items: Sequence[_Item], date: dt.date, keep_parts: bool) -> _ChunkResult:
     assert _WORKER_ENGINE is not None, "worker not initialised"
-    return _select_render(_WORKER_ENGINE, items, date)
+    return _select_render(_WORKER_ENGINE, items, date, keep_parts)
 
 
 def _pool_size(settings: Settings, active: int, only: str | None) -> int:
@@ -549,10 +603,18 @@ class _Work:
     cores busy, the event loop free for the SMTP connections) or inline."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, date: dt.date, now: dt.datetime, workers: int
+        self,
+        settings: Settings,
+        engine: Engine,
+        date: dt.date,
+        now: dt.datetime,
+        workers: int,
+        keep_parts: bool = True,
     ) -> None:
         self.engine = engine
         self.date = date
+        self.keep_parts = keep_parts
+        self.workers = workers
         self.pool: Executor | None = None
         self.queue: deque[Future[_ChunkResult] | _ChunkResult] = deque()
         self.chunk = RENDER_CHUNK
@@ -570,15 +632,27 @@ class _Work:
                 initargs=(settings, engine.day, now, _json_logs(), os.getpid()),
             )
             log.info("render pool started", workers=workers)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # Inline, but off the event loop (DKIM signing, templates): one thread keeps
+            # chunks in order and the loop free for SMTP and the HTTP endpoint.
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="digestd-render")
 
     def backlog(self) -> int:
         return len(self.queue)
 
     def submit(self, items: Sequence[_Item]) -> None:
         if self.pool is None:
-            self.queue.append(_select_render(self.engine, items, self.date))
+            self.queue.append(_select_render(self.engine, items, self.date, self.keep_parts))
+        elif not self.workers:
+            self.queue.append(
+                self.pool.submit(_select_render, self.engine, items, self.date, self.keep_parts)
+            )
         else:
-            self.queue.append(self.pool.submit(_worker_chunk, list(items), self.date))
+            self.queue.append(
+                self.pool.submit(_worker_chunk, list(items), self.date, self.keep_parts)
+            )
 
     async def next_result(self, stages: dict[str, float]) -> list[_Outcome]:
         head = self.queue.popleft()

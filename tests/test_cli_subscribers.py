@@ -173,6 +173,16 @@ def test_seed_paper_known_in_store_is_accepted(config: Path, tmp_path: Path) -> 
     assert data["seed_papers"] == ["2511.04570"]
 
 
+def test_seed_paper_found_in_a_file_source_offline(config: Path) -> None:
+    """A seed paper present in a configured `file` source is accepted with no network."""
+    code, _, err = invoke(
+        config, "subscribers", "add", "a@example.org", "--seed-paper", "2511.04460"
+    )
+    assert code == 0, err
+    data = json.loads(invoke(config, "subscribers", "show", "a@example.org", "--json")[1])
+    assert data["seed_papers"] == ["2511.04460"]
+
+
 IMPORT_OK = """
 [[subscriber]]
 email = "ada@example.org"

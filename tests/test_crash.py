@@ -170,8 +170,15 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
             assert len(in_flight) <= CONCURRENCY, (trial, sorted(in_flight))
 
         # The last start runs to completion.
-        proc = spawn(config, "run", log=tmp_path / "final.log", env=clean_env())
+        final_log = tmp_path / "final.log"
+        proc = spawn(config, "run", log=final_log, env=clean_env())
         try:
+            # SIGTERM only once the daemon is up (the earlier trials may have sent everything).
+            wait_until(
+                lambda: final_log.exists() and b"digestd ready" in final_log.read_bytes(),
+                60,
+                "the daemon to be ready",
+            )
             wait_until(lambda: len(set(sink.received())) >= SUBSCRIBERS, 120, "every digest")
             wait_until(lambda: set(ledger(store, day).values()) == {"accepted"}, 30, "ledger final")
             proc.send_signal(signal.SIGTERM)

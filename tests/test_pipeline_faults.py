@@ -197,3 +197,24 @@ async def test_one_render_failure_never_aborts_the_run(tmp_path: Path, smtp: Smt
     assert got["bad@example.org"][1] == "failed"
     async with Store.open(settings.store.path) as store:
         assert "render failed" in (await store.ledger_for("bad@example.org"))[0].reply
+
+
+async def test_dkim_configured_run_signs_every_message(tmp_path: Path, smtp: SmtpServer) -> None:
+    """With [dkim] set, the bytes the server received verify against the published key."""
+    import dkim
+    from test_dkim import DOMAIN, SELECTOR, Key
+
+    key = Key(tmp_path, "rsa-sha256")
+    base = settings_for(tmp_path, smtp.port)
+    settings = settings_from_dict(
+        {
+            **base.model_dump(exclude={"source_path"}, mode="json"),
+            "dkim": {"domain": DOMAIN, "selector": SELECTOR, "private_key_file": str(key.path)},
+        }
+    )
+    await subscribe(settings, "a@example.org", "b@example.org")
+    summary = await go(settings)
+    assert summary.state == "ok" and len(smtp.received) == 2
+    for received in smtp.received:
+        assert received.data.startswith(b"DKIM-Signature:")
+        assert dkim.verify(received.data, dnsfunc=key.dns)

@@ -1,0 +1,54 @@
+"""bench/delivery.py on a tiny N, so the harness cannot rot. No timing is asserted: only that
+it runs end to end (store, smtp-sink, `digestd run-once`, smtp-source, chart) and reports."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import require_tool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_delivery_runs_end_to_end(tmp_path: Path) -> None:
+    """A 300-subscriber run sends every non-empty digest through smtp-sink, runs the
+    smtp-source reference, prints every figure and writes the PNG chart."""
+    require_tool("smtp-sink", "/usr/sbin/smtp-sink")
+    require_tool("smtp-source", "/usr/sbin/smtp-source")
+    chart = tmp_path / "chart.png"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "delivery.py"),
+            "--n",
+            "150",
+            "300",
+            "--sessions",
+            "4",
+            "--chart",
+            str(chart),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "`digestd --help` start-up:" in out
+    for n in ("150", "300"):
+        assert f"== N = {n}:" in out
+    sent = [int(x.replace(",", "")) for x in re.findall(r"run-once: ([\d,]+) sent", out)]
+    assert len(sent) == 2 and all(s > 0 for s in sent)
+    ledgers = re.findall(r"ledger: \{'accepted': (\d+)\}", out)
+    assert [int(x) for x in ledgers] == sent  # every message sent was accepted and recorded
+    assert out.count("smtp-source ") == 2 and out.count("ratio ") == 2
+    for stage in ("select", "render", "send", "ledger"):
+        assert stage in out
+    assert "peak RSS: digestd" in out and "peak RSS 300 vs 150" in out
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
