@@ -390,6 +390,25 @@ def status(ctx: Ctx, as_json: bool) -> None:
             )
 
 
+def _config_warnings(settings: Settings) -> list[str]:
+    """Valid, but probably not what an operator wants in production."""
+    out = []
+    if not settings.digest.base_url.startswith("https://"):
+        out.append(
+            f"digest.base_url {settings.digest.base_url!r} is not https: Gmail and Yahoo"
+            " ignore one-click unsubscribe links that are not https"
+        )
+    if not settings.digest.postal_address:
+        out.append("digest.postal_address is empty: bulk-sender rules expect one in the footer")
+    if settings.delivery.transport == "smtp" and settings.smtp.security == "none":
+        host = settings.smtp.host
+        if host not in ("localhost", "127.0.0.1", "::1"):
+            out.append(f"smtp.security is 'none' for the remote host {host!r}: no TLS")
+    if not settings.sources:
+        out.append("no [[sources]]: run-once will have no papers")
+    return out
+
+
 def _slots(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
@@ -415,6 +434,8 @@ def check_config(ctx: Ctx, connect: bool) -> None:
     except Exception as exc:  # a template problem is a configuration problem
         _fail(f"templates: {exc}")
     click.echo(f"configuration OK: {settings.source_path}")
+    for warning in _config_warnings(settings):
+        click.echo(f"warning: {warning}", err=True)
     if connect:
         from .deliver import make_transport
 

@@ -159,3 +159,22 @@ def test_check_config_exit_codes_as_subprocess(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert "smtp.port" in proc.stderr and str(bad) in proc.stderr
+
+
+def test_check_config_warns_about_risky_but_valid_settings(tmp_path: Path) -> None:
+    """http base_url, no postal address, plaintext SMTP to a remote host: warned, exit 0."""
+    path = write(
+        tmp_path,
+        "[digest]\nfrom_address='a@example.org'\nbase_url='http://papers.example.org'\n"
+        "[smtp]\nhost='mail.example.org'\nsecurity='none'\n",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "digestd", "--config", str(path), "check-config"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "configuration OK" in proc.stdout
+    for fragment in ("not https", "postal_address", "no TLS", "no [[sources]]"):
+        assert fragment in proc.stderr
