@@ -432,12 +432,14 @@ async def _run(
 
         async def finish_one() -> None:
             ready: list[RenderedDigest] = []
+            empty: list[tuple[int, str]] = []
             for outcome in await work.next_result(summary.stages):
                 if isinstance(outcome, RenderedDigest):
                     ready.append(outcome)
                 elif outcome[0] == "empty":
                     summary.skipped += 1
                     log.info("nothing to send", email=outcome[2], reason=outcome[3])
+                    empty.append((outcome[1], outcome[3]))
                 else:  # one reader's render failure never aborts the run
                     summary.failed += 1
                     log.error("render failed", email=outcome[2], error=outcome[3])
@@ -447,6 +449,8 @@ async def _run(
                             outcome[1], date, "failed", f"render failed: {outcome[3]}"
                         )
                         summary.stages["ledger"] += time.perf_counter() - tick
+            if empty and not dry_run:
+                await store.record_skips(date, empty)
             await take(ready)
 
         try:

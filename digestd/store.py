@@ -21,16 +21,18 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
 from .errors import NotFoundError, StoreError, ValidationError
 from .models import Delivery, DeliveryState, Paper, Preferences, Subscriber
+
+_T = TypeVar("_T")
 
 # find_by_token: how many leading token characters are looked up through the index.
 TOKEN_SELECTOR = 8
@@ -128,6 +130,17 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             paper_id      TEXT NOT NULL,
             digest_date   TEXT NOT NULL,
             PRIMARY KEY (subscriber_id, paper_id)
+        ) WITHOUT ROWID;
+        """,
+    ),
+    (
+        "0002_digest_skips",
+        """
+        CREATE TABLE digest_skips (
+            subscriber_id INTEGER NOT NULL REFERENCES subscribers(id) ON DELETE CASCADE,
+            digest_date   TEXT NOT NULL,
+            reason        TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (subscriber_id, digest_date)
         ) WITHOUT ROWID;
         """,
     ),
@@ -271,6 +284,31 @@ class Store:
                 await self._db.execute("ROLLBACK")
                 raise
             await self._db.execute("COMMIT")
+
+    async def _in_one_transaction(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work`` inside BEGIN IMMEDIATE … COMMIT in SQLite's thread, as *one* call.
+
+        The same transaction as :meth:`transaction`, but one hop to aiosqlite's thread instead
+        of one per statement: the sender's ledger writes (a claim and a group of replies per
+        few messages) are dominated by those hops and the thread switches they cost. A task
+        cancelled while ``work`` is queued or running does not stop it: it commits (or rolls
+        back on error) in full, before anything queued after it.
+        """
+
+        def run() -> _T:
+            conn: sqlite3.Connection = cast(Any, self._db)._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        async with self._tx_lock:
+            # aiosqlite's own methods go through ``_execute`` (queue the call, await its result).
+            return cast(_T, await cast(Any, self._db)._execute(run))
 
     # ------------------------------------------------------------------ meta / secrets
     async def secret(self, name: str, nbytes: int = 32) -> bytes:
@@ -549,26 +587,50 @@ class Store:
         )
         return [(row[0], row[1], str(row[2])) for row in await cur.fetchall()]
 
+    async def record_skips(self, digest_date: dt.date, skips: Sequence[tuple[int, str]]) -> None:
+        """Subscribers who had nothing to send that day (so a catch-up need not run again)."""
+        if not skips:
+            return
+        day = digest_date.isoformat()
+        async with self.transaction():
+            await self._db.executemany(
+                "INSERT INTO digest_skips (subscriber_id, digest_date, reason) VALUES (?, ?, ?)"
+                " ON CONFLICT (subscriber_id, digest_date) DO UPDATE SET reason = excluded.reason",
+                [(sub_id, day, reason[:200]) for sub_id, reason in skips],
+            )
+
     async def slot_progress(
         self,
         digest_date: dt.date,
         slot: tuple[str, str, str],
         defaults: tuple[str, str],
     ) -> tuple[int, int]:
-        """(active subscribers in the slot, of whom have a final ledger row on that date).
+        """(active subscribers in the slot, of whom are done on that date: a final ledger row,
+        or nothing to send that day).
 
         ``slot`` is (timezone, send_at, cadence) with the defaults already applied; a NULL
         timezone/send_at in preferences means ``defaults`` (timezone, send_at).
         """
         timezone, send_at, cadence = slot
         cur = await self._db.execute(
-            "SELECT COUNT(*), COUNT(d.subscriber_id) FROM subscribers s"
+            "SELECT COUNT(*), COUNT(d.subscriber_id) + COUNT(k.subscriber_id)"
+            " FROM subscribers s"
             " JOIN preferences p ON p.subscriber_id = s.id"
             " LEFT JOIN deliveries d ON d.subscriber_id = s.id AND d.digest_date = ?"
             "  AND d.state IN ('accepted', 'failed', 'suppressed')"
+            " LEFT JOIN digest_skips k ON k.subscriber_id = s.id AND k.digest_date = ?"
+            "  AND d.subscriber_id IS NULL"
             " WHERE s.status = 'active' AND COALESCE(p.timezone, ?) = ?"
             " AND COALESCE(p.send_at, ?) = ? AND p.cadence = ?",
-            (digest_date.isoformat(), defaults[0], timezone, defaults[1], send_at, cadence),
+            (
+                digest_date.isoformat(),
+                digest_date.isoformat(),
+                defaults[0],
+                timezone,
+                defaults[1],
+                send_at,
+                cadence,
+            ),
         )
         row = await cur.fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
@@ -874,25 +936,26 @@ class Store:
         """Claim several digests in one transaction; returns the subscriber ids claimed."""
         stamp = _iso(utcnow())
         day = digest_date.isoformat()
-        async with self.transaction():
+
+        def work(conn: sqlite3.Connection) -> set[int]:
             # BEGIN IMMEDIATE holds the write lock: no state changes between this read and
             # the upsert, so the rows found final here are exactly the ones it would skip.
             final: set[int] = set()
             for chunk in _chunks([item[0] for item in items], 500):
                 marks = ",".join("?" for _ in chunk)
-                cur = await self._db.execute(
+                cur = conn.execute(
                     "SELECT subscriber_id FROM deliveries WHERE digest_date = ? AND state IN"
                     f" ('accepted', 'failed', 'suppressed') AND subscriber_id IN ({marks})",
                     (day, *chunk),
                 )
-                final.update(int(row[0]) for row in await cur.fetchall())
+                final.update(int(row[0]) for row in cur.fetchall())
             rows = [
                 (sub_id, day, message_id, json.dumps(list(paper_ids)), run_id, stamp, stamp)
                 for sub_id, message_id, paper_ids in items
                 if sub_id not in final
             ]
             if rows:
-                await self._db.executemany(
+                conn.executemany(
                     "INSERT INTO deliveries (subscriber_id, digest_date, message_id, state,"
                     " attempts, paper_ids, run_id, created_at, updated_at)"
                     " VALUES (?, ?, ?, 'sending', 1, ?, ?, ?, ?)"
@@ -903,7 +966,9 @@ class Store:
                     " WHERE deliveries.state NOT IN ('accepted', 'failed', 'suppressed')",
                     rows,
                 )
-        return {row[0] for row in rows}
+            return {row[0] for row in rows}
+
+        return await self._in_one_transaction(work)
 
     async def record(
         self, delivery: Delivery, *, next_attempt_at: dt.datetime | None = None
@@ -930,19 +995,22 @@ class Store:
             if delivery.state == "accepted"
             for pid in delivery.paper_ids
         ]
-        async with self.transaction():
-            # Two statements for the whole group (each a round trip to SQLite's thread).
-            await self._db.executemany(
+
+        def work(conn: sqlite3.Connection) -> None:
+            # Two statements for the whole group, in one round trip to SQLite's thread.
+            conn.executemany(
                 "UPDATE deliveries SET state = ?, reply = ?, updated_at = ?,"
                 " next_attempt_at = ? WHERE subscriber_id = ? AND digest_date = ?",
                 updates,
             )
             if sent:
-                await self._db.executemany(
+                conn.executemany(
                     "INSERT OR IGNORE INTO papers_sent (subscriber_id, paper_id, digest_date)"
                     " VALUES (?, ?, ?)",
                     sent,
                 )
+
+        await self._in_one_transaction(work)
 
     async def set_state(
         self, subscriber_id: int, digest_date: dt.date, state: DeliveryState, reply: str = ""

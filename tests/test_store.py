@@ -22,6 +22,7 @@ async def test_new_store_is_private_wal_with_foreign_keys(tmp_path: Path) -> Non
     path = tmp_path / "state" / "d.sqlite3"
     async with Store.open(path) as store:
         assert await store.applied_migrations() == [name for name, _ in MIGRATIONS]
+        assert len(MIGRATIONS) >= 2
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -170,3 +171,18 @@ async def test_import_is_all_or_nothing(tmp_path: Path) -> None:
             "a@example.org",
             "b@example.org",
         ]
+
+
+async def test_skipped_subscribers_count_as_done_for_the_slot(tmp_path: Path) -> None:
+    """A subscriber with nothing to send that day counts as done, so catch-up is not re-run."""
+    slot, defaults = ("UTC", "07:00", "daily"), ("UTC", "07:00")
+    async with Store.open(tmp_path / "d.sqlite3") as store:
+        a = await store.add_subscriber("a@example.org")
+        b = await store.add_subscriber("b@example.org")
+        assert await store.slot_progress(DAY, slot, defaults) == (2, 0)
+        await store.claim(a.id, DAY, "<a@x>", ("p1",), None)
+        await store.record(Delivery(a.id, a.email, DAY, "<a@x>", "accepted", "250 ok", ("p1",)))
+        assert await store.slot_progress(DAY, slot, defaults) == (2, 1)
+        await store.record_skips(DAY, [(b.id, "no paper matched"), (a.id, "counted once")])
+        assert await store.slot_progress(DAY, slot, defaults) == (2, 2)
+        assert await store.slot_progress(DAY + dt.timedelta(days=1), slot, defaults) == (2, 0)
