@@ -20,15 +20,17 @@ import datetime as dt
 import functools
 import hashlib
 import re
+import secrets
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 from urllib.parse import quote, urlsplit
 
 import css_inline
 import jinja2
+import jinja2.meta
 import markupsafe
 import structlog
 
@@ -37,6 +39,7 @@ import digestd
 from .compose import (
     MessageHeaders,
     build_message,
+    encode_parts,
     encoded_size,
     header_text,
     list_id_value,
@@ -206,6 +209,15 @@ class Entry:
     reasons: tuple[str, ...]
     links: tuple[Link, ...]
     compact: bool = False
+    # Entries key the block caches, two lookups per entry per message: hashed once.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        values = tuple(getattr(self, f.name) for f in fields(self) if f.compare)
+        object.__setattr__(self, "_hash", hash(values))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def stats_text(self) -> str:
@@ -266,8 +278,23 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
+_VARIANTS_MAX = 8192
+# (rank, id(paper), reasons) -> (paper, variants): hashing a Paper (every field) for the
+# lru_cache below costs more than the lookup saves; the paper is kept in the value, so
+# its id cannot be reused while the entry exists, and ``is`` confirms the hit.
+_BY_IDENTITY: dict[tuple[int, int, tuple[str, ...]], tuple[Paper, _Variants]] = {}
+
+
 def _entry_variants(rank: int, pick: Pick) -> _Variants:
-    return _variants(rank, pick.paper, pick.reasons)
+    key = (rank, id(pick.paper), pick.reasons)
+    hit = _BY_IDENTITY.get(key)
+    if hit is not None and hit[0] is pick.paper:
+        return hit[1]
+    variants = _variants(rank, pick.paper, pick.reasons)
+    if len(_BY_IDENTITY) >= _VARIANTS_MAX:
+        _BY_IDENTITY.clear()
+    _BY_IDENTITY[key] = (pick.paper, variants)
+    return variants
 
 
 @functools.lru_cache(maxsize=8192)
@@ -358,6 +385,11 @@ def _wrap(text: str, width: int = TEXT_WIDTH, indent: str = "", first: str | Non
 
     Cached: a paper's title, authors and summary are wrapped the same way for every
     subscriber who gets it (textwrap is slow: ~0.3 ms a digest)."""
+    return _fill_text(text, width, indent, first)
+
+
+def _fill_text(text: str, width: int, indent: str, first: str | None) -> str:
+    """:func:`_wrap` uncached, for text that is personal (it would only evict)."""
     return textwrap.fill(
         text,
         width=width,
@@ -424,6 +456,7 @@ class _EntryBlocks:
         self.checks = self.CHECKS
         self.skeleton: jinja2.Template | None = None
         self.body: jinja2.Template | None = None
+        self.skeleton_names: set[str] = set()
         found = _FOR_ENTRIES.search(source)
         if found is None:
             return
@@ -446,23 +479,33 @@ class _EntryBlocks:
         try:
             self.body = env.from_string(body)
             self.skeleton = env.from_string(skeleton)
+            self.skeleton_names = jinja2.meta.find_undeclared_variables(env.parse(skeleton))
         except jinja2.TemplateError:
             self.body = self.skeleton = None
+
+    def joined(self, entries: Sequence[Entry]) -> str:
+        """The entries' blocks, joined (cached per entry); needs ``body``."""
+        return "".join(self.each(entries))
+
+    def each(self, entries: Sequence[Entry]) -> list[str]:
+        """The entries' blocks (cached per entry); needs ``body``."""
+        assert self.body is not None
+        parts = []
+        for entry in entries:
+            block = self.blocks.get(entry)
+            if block is None:
+                block = self.body.render(e=entry)
+                if len(self.blocks) >= ENTRY_BLOCKS_MAX:
+                    self.blocks.clear()
+                self.blocks[entry] = block
+            parts.append(block)
+        return parts
 
     def render(self, context: dict[str, object]) -> str:
         if self.skeleton is None or self.body is None:
             return self.whole.render(context)
         try:
-            parts = []
-            for entry in cast("list[Entry]", context["entries"]):
-                block = self.blocks.get(entry)
-                if block is None:
-                    block = self.body.render(e=entry)
-                    if len(self.blocks) >= ENTRY_BLOCKS_MAX:
-                        self.blocks.clear()
-                    self.blocks[entry] = block
-                parts.append(block)
-            joined = "".join(parts)
+            joined = self.joined(cast("list[Entry]", context["entries"]))
             if self.html:  # the blocks are the output of an autoescaping template
                 blocks: str = markupsafe.Markup(joined)  # noqa: S704
             else:
@@ -478,6 +521,177 @@ class _EntryBlocks:
                 self.skeleton = None
                 return self.whole.render(context)
         return fast
+
+
+PERSONAL_FIELDS = (
+    "lede",
+    "preheader",
+    "recipient",
+    "interests",
+    "preferences_url",
+    "unsubscribe_url",
+)
+SHAPES_MAX = 4096  # cached skeleton shapes (~10 KB each), then start over
+_Piece = str | tuple[str, int]  # literal text, or a slot: ("S", field), ("W", wrap), ("B", 0)
+_Deferred = tuple[str, int, str, str | None]  # a ``wrap`` call: text, width, indent, first
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    html: tuple[_Piece, ...]
+    text: tuple[_Piece, ...]
+    wraps: tuple[_Deferred, ...]
+
+
+class _Shapes:
+    """Both templates' skeletons (everything but the entry blocks) rendered once per
+    *shape* and personalised by filling slots, not by running Jinja per message.
+
+    A shape is everything the skeletons see except the per-subscriber values in
+    :data:`PERSONAL_FIELDS` (and whether each is empty): the subject, heading, counts…, so
+    a run has a handful of shapes. The skeletons are rendered with a random sentinel for
+    each personal value and for the entry blocks; a ``wrap`` call whose text holds a
+    sentinel is deferred (recorded, a placeholder output) and done per message on the real
+    text. Per message, a slot becomes the value HTML-escaped exactly as autoescape would
+    (HTML) or as is (text), a deferred wrap becomes ``wrap(real text)``, and the blocks
+    slot the joined entry blocks.
+
+    Self-checking like :class:`_EntryBlocks`: off unless both skeletons are in use and
+    neither reads ``entries``; the first use of every new shape and the first
+    :attr:`CHECKS` messages are compared with the block path's output, and any difference
+    switches shapes off for good.
+    """
+
+    CHECKS = 3
+
+    def __init__(self, html: _EntryBlocks, text: _EntryBlocks) -> None:
+        self.parts = (html, text)
+        self.prefix = "Qz" + secrets.token_hex(8)  # letters and digits: escape/wrap-neutral
+        self.sentinels = tuple(f"{self.prefix}S{i}x" for i in range(len(PERSONAL_FIELDS)))
+        self.slot = re.compile(re.escape(self.prefix) + r"([SWB])(\d+)x")
+        self.cache: dict[tuple[object, ...], _Shape] = {}
+        self.deferred: list[_Deferred] | None = None
+        self.checks = self.CHECKS
+        self.on = all(
+            p.skeleton is not None and p.body is not None and "entries" not in p.skeleton_names
+            for p in self.parts
+        )
+
+    def wrap(self, text: str, width: int, indent: str, first: str | None) -> str | None:
+        """A placeholder for ``wrap(text…)`` while a shape is built, if ``text`` is personal."""
+        if self.deferred is None or self.prefix not in text:
+            return None
+        self.deferred.append((text, width, indent, first))
+        return f"{self.prefix}W{len(self.deferred) - 1}x"
+
+    def render(
+        self, context: dict[str, object], entries: list[Entry]
+    ) -> tuple[str, str, list[str], list[str]] | None:
+        """(html, text, html's parts, text's parts) for ``context``, or None: use the block
+        path. The parts join to the bodies; fixed text is split at line ends so that
+        :func:`~digestd.compose.encode_parts` can reuse the encoding of each line run."""
+        if not self.on or any(p.skeleton is None for p in self.parts):
+            return None
+        values = [context[f] for f in PERSONAL_FIELDS]
+        if not all(type(v) is str for v in values):
+            return None
+        personal = cast("list[str]", values)
+        rest = tuple(
+            (k, v) for k, v in context.items() if k not in PERSONAL_FIELDS and k != "entries"
+        )
+        key = (rest, tuple(bool(v) for v in personal))
+        try:
+            shape = self.cache.get(key)
+            new = shape is None
+            if shape is None:
+                shape = self._build(context)
+                if len(self.cache) >= SHAPES_MAX:
+                    self.cache.clear()
+                self.cache[key] = shape
+            html_parts = self._fill(shape.html, shape.wraps, personal, entries, self.parts[0])
+            text_parts = self._fill(shape.text, shape.wraps, personal, entries, self.parts[1])
+            html, text = "".join(html_parts), "".join(text_parts)
+        except Exception:  # any surprise: the block path renders, as without shapes
+            self._off("a skeleton cannot be rendered with placeholders")
+            return None
+        if new or self.checks:
+            self.checks = max(0, self.checks - 1)
+            if (html, text) != (self.parts[0].render(context), self.parts[1].render(context)):
+                self._off("differs from the block path")
+                return None
+        return html, text, html_parts, text_parts
+
+    def _off(self, reason: str) -> None:
+        log.warning("digest_shapes_disabled", reason=reason)
+        self.on = False
+        self.cache.clear()
+
+    def _build(self, context: dict[str, object]) -> _Shape:
+        fake = dict(context)
+        for name, sentinel in zip(PERSONAL_FIELDS, self.sentinels, strict=True):
+            fake[name] = sentinel if context[name] else ""  # "if x" sees the same
+        blocks = f"{self.prefix}B0x"
+        self.deferred = []
+        try:
+            out = []
+            for part in self.parts:
+                assert part.skeleton is not None
+                slot: str = markupsafe.Markup(blocks) if part.html else blocks  # noqa: S704
+                out.append(part.skeleton.render(fake, __entry_blocks__=slot))
+            wraps = tuple(self.deferred)
+        finally:
+            self.deferred = None
+        for text, *_ in wraps:
+            if any(m.group(1) != "S" for m in self.slot.finditer(text)):
+                raise ValueError("a wrap around the entry blocks or another wrap")
+        pieces = [self._pieces(o, len(wraps)) for o in out]
+        return _Shape(html=pieces[0], text=pieces[1], wraps=wraps)
+
+    def _pieces(self, rendered: str, wraps: int) -> tuple[_Piece, ...]:
+        split = self.slot.split(rendered)
+        pieces: list[_Piece] = []
+        for i in range(0, len(split), 3):
+            literal = split[i]
+            first, last = literal.find("\n") + 1, literal.rfind("\n") + 1
+            # head up to its first line end, whole lines, the rest: see encode_parts
+            for cut in (literal[:first], literal[first:last], literal[last:]):
+                if cut:
+                    pieces.append(cut)
+            if i + 2 < len(split):
+                kind, index = split[i + 1], int(split[i + 2])
+                limit = {"S": len(PERSONAL_FIELDS), "W": wraps, "B": 1}[kind]
+                if index >= limit:
+                    raise ValueError(f"unknown slot {kind}{index}")
+                pieces.append((kind, index))
+        return tuple(pieces)
+
+    def _fill(
+        self,
+        pieces: tuple[_Piece, ...],
+        wraps: tuple[_Deferred, ...],
+        personal: list[str],
+        entries: list[Entry],
+        part: _EntryBlocks,
+    ) -> list[str]:
+        esc = part.html
+        out: list[str] = []
+        for piece in pieces:
+            if type(piece) is str:
+                out.append(piece)
+                continue
+            kind, index = cast("tuple[str, int]", piece)
+            if kind == "B":
+                out += part.each(entries)
+            elif kind == "S":
+                value = personal[index]
+                out.append(str(markupsafe.escape(value)) if esc else value)
+            else:
+                text, width, indent, first = wraps[index]
+                # One pass: a value that happens to hold a sentinel is not scanned again.
+                text = self.slot.sub(lambda m: personal[int(m.group(2))], text)
+                wrapped = _fill_text(text, width, indent, first)
+                out.append(str(markupsafe.escape(wrapped)) if esc else wrapped)
+        return out
 
 
 class Renderer:
@@ -499,7 +713,18 @@ class Renderer:
             lstrip_blocks=True,
             keep_trailing_newline=True,
         )
-        self._env.filters["wrap"] = _wrap
+        self._shapes: _Shapes | None = None
+
+        def wrap(
+            text: str, width: int = TEXT_WIDTH, indent: str = "", first: str | None = None
+        ) -> str:
+            if self._shapes is not None:
+                deferred = self._shapes.wrap(text, width, indent, first)
+                if deferred is not None:
+                    return deferred
+            return _wrap(text, width, indent, first)
+
+        self._env.filters["wrap"] = wrap
         self._env.filters["emphasis_html"] = emphasis_html
         self._env.filters["emphasis_text"] = emphasis_text
         try:
@@ -517,6 +742,8 @@ class Renderer:
             text_env = self._env.overlay(autoescape=False)
             text_source = (directory / "digest.txt").read_text(encoding="utf-8")
             self._text_blocks = _EntryBlocks(text_env, text_source, self._text)
+            # The rest of both templates rendered once per shape, personalised by slots.
+            self._shapes = _Shapes(self._html_blocks, self._text_blocks)
         except (OSError, UnicodeError, jinja2.TemplateError, css_inline.InlineError) as exc:
             raise RenderError(f"cannot load the templates in {directory}: {exc}") from exc
 
@@ -583,8 +810,18 @@ class Renderer:
             entries = _plan(variants, step)
             return self._html_blocks.render(context(entries)), entries
 
-        html, entries = html_for(0)
-        if encoded_size(html) > _SIZE_TARGET:
+        entries = _plan(variants, 0)
+        text: str | None = None
+        encoded: tuple[tuple[str, bytes] | None, tuple[str, bytes] | None] = (None, None)
+        shaped = self._shapes.render(context(entries), entries) if self._shapes else None
+        if shaped is not None:
+            html, text = shaped[0], shaped[1]
+            encoded = (encode_parts(shaped[3]), encode_parts(shaped[2]))
+        else:
+            html, entries = html_for(0)
+        size = len(encoded[1][1]) if encoded[1] is not None else encoded_size(html)
+        if size > _SIZE_TARGET:
+            text, encoded = None, (None, None)
             lo, hi = 1, 3 * count  # smallest step whose HTML fits; size falls with the step
             while lo < hi:
                 mid = (lo + hi) // 2
@@ -596,7 +833,8 @@ class Renderer:
             if encoded_size(html) > _SIZE_TARGET:
                 raise RenderError(f"digest for subscriber {sub.id} cannot fit the size budget")
             log.info("digest_shortened", subscriber_id=sub.id, papers=count, step=lo)
-        text = self._text_blocks.render(context(entries))
+        if text is None:
+            text = self._text_blocks.render(context(entries))
         message_id = message_id_for(sub, digest.date, ctx.domain)
         headers = MessageHeaders(
             from_address=ctx.from_address,
@@ -614,7 +852,7 @@ class Renderer:
             precedence=ctx.precedence,
             feedback_id=ctx.feedback_id,
         )
-        message = build_message(headers, text=text, html=html)
+        message = build_message(headers, text=text, html=html, encoded=encoded)
         return RenderedDigest(
             subscriber_id=sub.id,
             email=sub.email,
