@@ -220,6 +220,9 @@ def _one_line(text: object, limit: int = 300) -> str:
 # ------------------------------------------------------------------------- message bytes
 
 _BARE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# byte -> b"\n" for CR (resp. LF), b"\0" for any other byte: see _crlf_only.
+_CR_MARKS = bytes(10 if byte == 13 else 0 for byte in range(256))
+_LF_MARKS = bytes(10 if byte == 10 else 0 for byte in range(256))
 
 
 class _WireReady(bytes):
@@ -232,29 +235,60 @@ class _WireReady(bytes):
 
 def wire_checked(message: bytes) -> bytes:
     """``message`` with its DATA payload (CRLF line ends, dot-stuffed) worked out and
-    attached, so that sending it needs no scan. That costs ~60 µs for 30 KB (QP soft line
+    attached, so that sending it needs no scan. That costs ~50 µs for 30 KB (QP soft line
     breaks often start a line with "."); the pipeline does it in its render workers so the
     process driving the SMTP connections does not have to. The result is equal to
-    ``message`` and survives pickling; plain bytes are still handled at send time.
+    ``message`` and survives pickling; plain bytes are still handled at send time, and so is
+    a message with bare CR or LF (returned as it is: the send rewrites its line ends).
     """
     if type(message) is _WireReady:
         return message
-    payload, size = _data_payload(message)
-    if payload[:-3] != message:  # CRLF fixes are not worth keeping: the send rewrites them
-        crlf = message.count(b"\r\n")
-        if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
-            return message
+    if not _crlf_only(message):
+        return message
     ready = _WireReady(message)
-    if payload[:-3] != message:
+    payload, size, changed = _clean_payload(message)
+    if changed:
         ready.payload, ready.size = payload, size
     return ready
+
+
+def _crlf_only(message: bytes) -> bool:
+    """Whether every CR in ``message`` is followed by LF and every LF follows a CR.
+
+    Two C-speed translations and one comparison (~25 µs for 30 KB, against ~45 µs for
+    counting CR, LF and CRLF): the CR marks, shifted by one, must be the LF marks.
+    """
+    if not message:
+        return True
+    if message[-1] == 13 or message[0] == 10:
+        return False
+    return message.translate(_CR_MARKS)[:-1] == message.translate(_LF_MARKS)[1:]
+
+
+def _clean_payload(message: bytes) -> tuple[bytes, int, bool]:
+    """:func:`_data_payload` for a message :func:`_crlf_only` has passed, and whether the
+    payload is anything more than the message and the final dot."""
+    changed = False
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+        changed = True
+    size = len(message)
+    # Every LF is part of a CRLF, so a line starting with "." follows b"\r\n": split and
+    # join on it is one scan (a replace counts first, then scans again).
+    if b"\r\n." in message:
+        message = b"\r\n..".join(message.split(b"\r\n."))
+        changed = True
+    if message.startswith(b"."):
+        message = b"." + message
+        changed = True
+    return message + b".\r\n", size, changed
 
 
 def _data_payload(message: bytes) -> tuple[bytes, int]:
     """The DATA payload (CRLF line endings, dot-stuffed, ending in ``CRLF.CRLF``) and the
     message size as RFC 1870 counts it (CRLF line endings, without the stuffing and the dot).
 
-    Byte-level operations only (no regex on the usual, already-CRLF message): ~60 µs for
+    Byte-level operations only (no regex on the usual, already-CRLF message): ~50 µs for
     30 KB, which matters at 100,000 messages a run; nothing but the final dot for bytes
     :func:`wire_checked` has marked.
     """
@@ -262,13 +296,13 @@ def _data_payload(message: bytes) -> tuple[bytes, int]:
         if message.payload is not None:
             return message.payload, message.size
         return message + b".\r\n", len(message)
-    crlf = message.count(b"\r\n")
-    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
-        message = _BARE_LINE_ENDING.sub(b"\r\n", message)
+    if _crlf_only(message):
+        payload, size, _ = _clean_payload(message)
+        return payload, size
+    message = _BARE_LINE_ENDING.sub(b"\r\n", message)
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
-    # Every LF is part of a CRLF by now. Lines starting with "." are rare in rendered mail,
-    # and the search is ~50x cheaper than a replace that finds nothing.
+    # Every LF is part of a CRLF by now.
     stuffed = message.replace(b"\n.", b"\n..") if b"\n." in message else message
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed

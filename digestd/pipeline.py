@@ -567,6 +567,10 @@ def _worker_start(
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides about stopping
     _die_with_parent(parent)
+    # Rendering is throughput work; the main process's event loop (SMTP replies) and its
+    # SQLite thread are latency work: let them win the CPU when both cores are busy.
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(5)
     logs.configure(json=json_logs)
     _WORKER_ENGINE = Engine(settings, (), (), now, day=day)
 
