@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import os
 import random
 import sys
@@ -288,42 +289,28 @@ async def run_once(
     now = now or dt.datetime.now(dt.UTC)
     structlog.contextvars.bind_contextvars(digest_date=date.isoformat())
     try:
+        one_pass = functools.partial(
+            _run,
+            settings,
+            store,
+            date,
+            summary,
+            only=only,
+            papers=papers,
+            now=now,
+            stop=stop,
+            progress=progress,
+            retry_base=retry_base,
+            include=include,
+        )
         if dry_run:
-            await _run(
-                settings,
-                store,
-                date,
-                summary,
-                dry_run=True,
-                only=only,
-                papers=papers,
-                now=now,
-                stop=stop,
-                progress=progress,
-                retry_base=retry_base,
-                run_id=None,
-                include=include,
-            )
+            await one_pass(dry_run=True, run_id=None)
         else:
             async with RunLock(store.path):
                 await store.mark_interrupted_runs()
                 run_id = await store.start_run(date, trigger)
                 try:
-                    await _run(
-                        settings,
-                        store,
-                        date,
-                        summary,
-                        dry_run=False,
-                        only=only,
-                        papers=papers,
-                        now=now,
-                        stop=stop,
-                        progress=progress,
-                        retry_base=retry_base,
-                        run_id=run_id,
-                        include=include,
-                    )
+                    await one_pass(dry_run=False, run_id=run_id)
                 except BaseException as exc:
                     summary.state = "failed"
                     summary.reason = summary.reason or f"{type(exc).__name__}: {exc}"
