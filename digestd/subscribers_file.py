@@ -14,26 +14,11 @@ from typing import Any
 
 from .errors import ValidationError
 from .models import Preferences, Subscriber
-from .validation import check_name, check_preferences, normalize_email
+from .validation import PREF_FIELDS, check_name, check_preferences, normalize_email
 
 MAX_FILE_BYTES = 20_000_000
 MAX_ROWS = 200_000
-ROW_KEYS = (
-    "email",
-    "name",
-    *(
-        "keywords",
-        "exclude",
-        "categories",
-        "authors",
-        "seed_papers",
-        "max_papers",
-        "min_upvotes",
-        "timezone",
-        "send_at",
-        "cadence",
-    ),
-)
+ROW_KEYS = ("email", "name", *PREF_FIELDS)
 _HEADER = re.compile(r"^[ \t]*\[\[[ \t]*subscriber[ \t]*\]\]", re.MULTILINE)
 
 
