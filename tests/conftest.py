@@ -10,9 +10,15 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from httpserver import ScriptedServer
+
+from digestd.config import FetchConfig
+from digestd.sources import make_client
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -44,3 +50,18 @@ def fixtures_dir() -> Path:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedServer]:
+    """A real HTTP server on 127.0.0.1 replaying scripted replies (tests/httpserver.py).
+    Test modules that need another kind of server define their own ``server``."""
+    with ScriptedServer() as s:
+        yield s
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    """The sources' shared HTTP client, as the pipeline makes it."""
+    async with make_client(FetchConfig(timeout=5)) as c:
+        yield c

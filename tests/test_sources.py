@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import structlog
 from conftest import FIXTURES
-from httpserver import Reply, ScriptedServer
+from httpserver import Reply
 
 import digestd.sources as sources_module
 from digestd.config import ArxivSource, FeedSource, FetchConfig, FileSource, HfDailySource
@@ -23,7 +21,6 @@ from digestd.sources import (
     fetch_all,
     fetch_paper,
     load_papers_file,
-    make_client,
     merge_papers,
 )
 from digestd.sources.feed import parse_feed
@@ -49,18 +46,6 @@ async def _no_sleep(seconds: float) -> None:
 
 
 RETRY = RetryPolicy(base_delay=0.01, max_delay=0.01, sleep=_no_sleep)
-
-
-@pytest.fixture
-def server() -> Iterator[ScriptedServer]:
-    with ScriptedServer() as s:
-        yield s
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with make_client(FetchConfig(timeout=5)) as c:
-        yield c
 
 
 def file_source(path: Path, name: str = "file") -> FileSource:

@@ -11,7 +11,6 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,7 @@ from httpserver import Reply, ScriptedServer
 
 from digestd.config import ArxivSource, FeedSource, FetchConfig, HfDailySource
 from digestd.models import Paper
-from digestd.sources import FetchResult, RetryPolicy, fetch_all, fetch_paper, make_client
+from digestd.sources import FetchResult, RetryPolicy, fetch_all, fetch_paper
 from digestd.validation import has_control_chars
 
 DATE = dt.date(2026, 4, 28)
@@ -38,18 +37,6 @@ async def _no_sleep(seconds: float) -> None:
 
 
 RETRY = RetryPolicy(base_delay=0.01, max_delay=0.01, sleep=_no_sleep)
-
-
-@pytest.fixture
-def server() -> Iterator[ScriptedServer]:
-    with ScriptedServer() as s:
-        yield s
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with make_client(FetchConfig(timeout=5)) as c:
-        yield c
 
 
 async def fetch_one(client: httpx.AsyncClient, source: object) -> FetchResult:

@@ -12,7 +12,6 @@ import email.utils
 import itertools
 import json
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -41,12 +40,6 @@ class Naps:
 
 
 @pytest.fixture
-def server() -> Iterator[ScriptedServer]:
-    with ScriptedServer() as s:
-        yield s
-
-
-@pytest.fixture
 def naps() -> Naps:
     return Naps()
 
@@ -55,12 +48,6 @@ def naps() -> Naps:
 def retry(naps: Naps) -> RetryPolicy:
     # jitter fixed at its top so back-off is exactly base · 2^attempt
     return RetryPolicy(base_delay=0.5, max_delay=8.0, max_wait=60.0, sleep=naps, jitter=lambda: 1.0)
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with make_client(FetchConfig(timeout=5)) as c:
-        yield c
 
 
 def hf(server: ScriptedServer, **kwargs: object) -> HfDailySource:
