@@ -258,7 +258,42 @@ def _encode_body(body: str) -> tuple[str, bytes]:
 
 
 SEGMENTS_MAX = 8192  # cached encoded runs of lines (a paper's block, a template's part)
-_SEGMENTS: dict[str, tuple[bytes, int, int]] = {}
+# text -> (QP bytes, UTF-8 octets, LFs, the QP bytes dot-stuffed or None if the same)
+Segment = tuple[bytes, int, int, bytes | None]
+_SEGMENTS: dict[str, Segment] = {}
+
+
+class WireReady(bytes):
+    """Message bytes whose SMTP DATA payload is already worked out: ``payload`` is the
+    dot-stuffed form ending in CRLF.CRLF when it differs from the message plus ".\r\n",
+    ``size`` the RFC 1870 size. Made by :func:`build_message` from pieces that are CRLF-only
+    and stuffed on their own (each starts a line), so the transport needs no scan of its
+    own; see :func:`digestd.deliver.wire_checked` for bytes from anywhere else."""
+
+    payload: bytes | None = None
+    size: int = 0
+
+
+class EncodedText(str):
+    """Text that carries its own cached encoding (:func:`_segment`): a paper's block is
+    kept by the renderer with its encoding, outside the shared cache."""
+
+    segment: Segment | None = None
+
+
+class EncodedBody(bytes):
+    """An encoded body (CRLF line ends) and, in ``stuffed``, its dot-stuffed form when
+    that differs (a line starting with "."), as :func:`encode_parts` puts it together."""
+
+    stuffed: bytes | None = None
+
+
+def _stuffed(data: bytes) -> bytes | None:
+    """``data`` (starting a line, CRLF line ends) dot-stuffed, or None when unchanged."""
+    if b"\r\n." not in data and not data.startswith(b"."):
+        return None
+    out = b"\r\n..".join(data.split(b"\r\n."))
+    return b"." + out if out.startswith(b".") else out
 
 
 def encode_parts(parts: Sequence[str]) -> tuple[str, bytes] | None:
@@ -268,14 +303,17 @@ def encode_parts(parts: Sequence[str]) -> tuple[str, bytes] | None:
     Quoted-printable works line by line, so a run of parts that ends at a line end encodes
     the same alone as inside the body: the runs are encoded once (a part that recurs, such
     as a paper's block or a template's fixed text, is the same run every time) and joined.
-    None, and the caller encodes the whole body, for a body with a CR (line ends are
-    normalised first), text that is not UTF-8-encodable, an empty body, or one for which
-    base64 is smaller.
+    Every run starts a line, so each is dot-stuffed on its own too: the body comes back as
+    an :class:`EncodedBody` that carries its stuffed form. None, and the caller encodes the
+    whole body, for a body with a CR (line ends are normalised first), text that is not
+    UTF-8-encodable, an empty body, or one for which base64 is smaller.
     """
     chunks: list[bytes] = []
+    stuffed: list[bytes] | None = None
     octets = newlines = 0
     pending: list[str] = []
     last = ""
+    segment: Segment | None
     for part in parts:
         if not part:
             continue
@@ -284,33 +322,71 @@ def encode_parts(parts: Sequence[str]) -> tuple[str, bytes] | None:
         if part[-1] == "\n":
             # A part on its own recurs; a run of several holds a personal value: not kept.
             segment = _segment(part) if len(pending) == 1 else _segment("".join(pending), False)
-            if segment is None:
-                return None
-            chunks.append(segment[0])
-            octets += segment[1]
-            newlines += segment[2]
             pending = []
+        else:
+            continue
+        if segment is None:
+            return None
+        if segment[3] is not None and stuffed is None:
+            stuffed = chunks.copy()
+        chunks.append(segment[0])
+        if stuffed is not None:
+            stuffed.append(segment[0] if segment[3] is None else segment[3])
+        octets += segment[1]
+        newlines += segment[2]
     if pending:
         segment = _segment("".join(pending), False)
         if segment is None:
             return None
+        if segment[3] is not None and stuffed is None:
+            stuffed = chunks.copy()
         chunks.append(segment[0])
+        if stuffed is not None:
+            stuffed.append(segment[0] if segment[3] is None else segment[3])
         octets += segment[1]
         newlines += segment[2]
     if not chunks:
         return None
-    qp = b"".join(chunks)
+    qp = EncodedBody(b"".join(chunks))
     # As _encode_body: the canonical (CRLF) form's length decides against base64.
     canonical = octets + newlines + (0 if last.endswith("\n") else 2)
     chars = 4 * ((canonical + 2) // 3)
     if chars + 2 * ((chars + 75) // 76) < len(qp):
         return None
+    if stuffed is not None:
+        qp.stuffed = b"".join(stuffed)
     return "quoted-printable", qp
 
 
-def _segment(text: str, keep: bool = True) -> tuple[bytes, int, int] | None:
-    """(QP of ``text``'s lines, its UTF-8 octets, its LFs), cached if ``keep``; None if
-    not possible."""
+def segment(text: str, keep: bool = True) -> Segment | None:
+    """The encoding of ``text``, a run of whole lines (or a body's last, unterminated
+    one): (QP bytes, UTF-8 octets, LFs, the QP dot-stuffed or None if the same); cached
+    by text if ``keep``. None if it cannot be encoded here (a CR, not UTF-8-encodable)."""
+    return _segment(text, keep)
+
+
+def assemble(segments: Sequence[Segment], ends_with_newline: bool) -> tuple[str, bytes] | None:
+    """The body whose line runs are ``segments``, as :func:`encode_parts` returns it: an
+    :class:`EncodedBody` carrying its stuffed form; None when empty or base64 is smaller."""
+    if not segments:
+        return None
+    qp = EncodedBody(b"".join([seg[0] for seg in segments]))
+    canonical = sum([seg[1] + seg[2] for seg in segments]) + (0 if ends_with_newline else 2)
+    chars = 4 * ((canonical + 2) // 3)
+    if chars + 2 * ((chars + 75) // 76) < len(qp):
+        return None
+    if any([seg[3] is not None for seg in segments]):
+        qp.stuffed = b"".join([seg[0] if seg[3] is None else seg[3] for seg in segments])
+    return "quoted-printable", qp
+
+
+def _segment(text: str, keep: bool = True) -> Segment | None:
+    """(QP of ``text``'s lines, its UTF-8 octets, its LFs, the QP stuffed or None), cached
+    if ``keep``; None if not possible."""
+    if type(text) is EncodedText:
+        if text.segment is None:
+            text.segment = _segment(str(text), False)
+        return text.segment
     hit = _SEGMENTS.get(text) if keep else None
     if hit is None:
         if "\r" in text:
@@ -324,8 +400,11 @@ def _segment(text: str, keep: bool = True) -> tuple[bytes, int, int] | None:
             lines.pop()
         if not keep:
             qp = b"".join([binascii.b2a_qp(line + b"\n", istext=True) for line in lines])
-            return qp.replace(b"\n", _CRLF), len(data), len(lines) - (not text.endswith("\n"))
-        hit = (b"".join([_qp_line(line) for line in lines]), len(data), data.count(b"\n"))
+            qp = qp.replace(b"\n", _CRLF)
+            newlines = len(lines) - (not text.endswith("\n"))
+            return qp, len(data), newlines, _stuffed(qp)
+        qp = b"".join([_qp_line(line) for line in lines])
+        hit = (qp, len(data), data.count(b"\n"), _stuffed(qp))
         if len(_SEGMENTS) >= SEGMENTS_MAX:
             _SEGMENTS.clear()
         _SEGMENTS[text] = hit
@@ -457,9 +536,16 @@ def build_message(
         if longest > MAX_LINE:  # bodies are encoded in lines of 76
             raise RenderError(f"message has a line of {longest} octets (limit {MAX_LINE})")
         out = [*head, _CRLF]
+        # The DATA payload alongside: headers never start a line with "." (a name or a
+        # folding space does), nor do the MIME lines; each body starts a line, so its
+        # stuffed form is all the stuffing the message needs.
+        stuffed_bodies: list[bytes | None] = []
         delimiter = b"--" + boundary.encode("ascii")
         for subtype, body, given in ((b"plain", text, encoded[0]), (b"html", html, encoded[1])):
             cte, data = given if given is not None else _encode_body(body)
+            stuffed_bodies.append(
+                data.stuffed if type(data) is EncodedBody else _stuffed(data) if data else None
+            )
             out += [
                 delimiter,
                 b"\r\nContent-Type: text/" + subtype + b'; charset="utf-8"\r\n',
@@ -472,7 +558,27 @@ def build_message(
         raise
     except (ValueError, TypeError, UnicodeError, IndexError) as exc:
         raise RenderError(f"cannot build the message: {exc}") from exc
-    return b"".join(out)
+    message = WireReady(b"".join(out))
+    message.size = len(message)
+    head_bytes = b"".join(head)
+    if not _crlf_lines(head_bytes):  # the bodies are CRLF-only as encoded
+        return bytes(message)  # not what it should be: the transport checks it whole
+    if any(s is not None for s in stuffed_bodies):
+        # out: head…, CRLF, then per body: delimiter, type, encoding, data, CRLF
+        payload = out.copy()
+        first = len(head) + 1
+        for index, stuffed in enumerate(stuffed_bodies):
+            if stuffed is not None:
+                payload[first + 5 * index + 3] = stuffed
+        payload.append(b".\r\n")
+        message.payload = b"".join(payload)
+    return message
+
+
+def _crlf_lines(data: bytes) -> bool:
+    """Whether every CR and LF in ``data`` is part of a CRLF (cheap for short bytes)."""
+    pairs = data.count(_CRLF)
+    return data.count(b"\r") == pairs and data.count(b"\n") == pairs
 
 
 def _body(text: str) -> str:

@@ -226,8 +226,8 @@ class Engine:
         )
         return digest, reason
 
-    def render(self, digest: Digest) -> RenderedDigest:
-        rendered = self.renderer.render(digest, self.ctx)
+    def render(self, digest: Digest, *, parts: bool = True) -> RenderedDigest:
+        rendered = self.renderer.render(digest, self.ctx, parts=parts)
         if self._dkim_key is not None:
             from .signing import dkim_sign
 
@@ -528,7 +528,7 @@ def _select_render(
             out.append(("empty", sub.id, sub.email, why))
             continue
         try:
-            rendered = engine.render(digest)
+            rendered = engine.render(digest, parts=keep_parts)
             message = wire_checked(rendered.message)
             if keep_parts:
                 out.append(replace(rendered, message=message))

@@ -16,16 +16,18 @@ then left out behind an "N more" line (see :func:`_plan`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
+import operator
 import re
 import secrets
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlsplit
 
 import css_inline
@@ -37,12 +39,16 @@ import structlog
 import digestd
 
 from .compose import (
+    EncodedText,
     MessageHeaders,
+    Segment,
+    assemble,
     build_message,
     encode_parts,
     encoded_size,
     header_text,
     list_id_value,
+    segment,
     strip_controls,
 )
 from .errors import RenderError
@@ -209,12 +215,13 @@ class Entry:
     reasons: tuple[str, ...]
     links: tuple[Link, ...]
     compact: bool = False
+    # The same entry without reasons (None: this is one), which the blocks are made from.
+    plain: Entry | None = field(default=None, repr=False, compare=False)
     # Entries key the block caches, two lookups per entry per message: hashed once.
     _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        values = tuple(getattr(self, f.name) for f in fields(self) if f.compare)
-        object.__setattr__(self, "_hash", hash(values))
+        object.__setattr__(self, "_hash", hash(_entry_values(self)))
 
     def __hash__(self) -> int:
         return self._hash
@@ -225,6 +232,31 @@ class Entry:
         if self.upvotes_text:
             upvotes = f"{self.upvotes_text} upvote" + ("" if self.upvotes_text == "1" else "s")
         return " · ".join(p for p in (upvotes, self.comments_text, self.categories) if p)
+
+
+# The compared fields of an Entry as one tuple (C speed: entries are made per message).
+_entry_values = operator.attrgetter(*(f.name for f in fields(Entry) if f.compare))
+
+
+def _with_reasons(entry: Entry, reasons: tuple[str, ...]) -> Entry:
+    """``replace(entry, reasons=reasons)``, without dataclasses.replace's per-call cost; an
+    entry made from one without reasons keeps that one as its ``plain``."""
+    e = entry
+    return Entry(
+        e.rank,
+        e.paper_id,
+        e.title,
+        e.url,
+        e.authors,
+        e.upvotes_text,
+        e.comments_text,
+        e.categories,
+        e.summary,
+        reasons,
+        e.links,
+        e.compact,
+        e.plain if e.plain is not None else e,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,10 +311,34 @@ def _plural(n: int, word: str) -> str:
 
 
 _VARIANTS_MAX = 8192
-# (rank, id(paper), reasons) -> (paper, variants): hashing a Paper (every field) for the
-# lru_cache below costs more than the lookup saves; the paper is kept in the value, so
-# its id cannot be reused while the entry exists, and ``is`` confirms the hit.
+# (rank, id(paper), reasons) -> (paper, variants): hashing a Paper (every field) for a
+# cache key costs more than the lookup saves; the paper is kept in the value, so its id
+# cannot be reused while the entry exists, and ``is`` confirms the hit.
 _BY_IDENTITY: dict[tuple[int, int, tuple[str, ...]], tuple[Paper, _Variants]] = {}
+# (rank, id(paper)) -> (paper, variants without reasons): what the above is made from.
+_BASES: dict[tuple[int, int], tuple[Paper, _Variants]] = {}
+
+
+_FULL: dict[tuple[int, int, tuple[str, ...]], tuple[Paper, Entry]] = {}
+
+
+def _entry_full(rank: int, pick: Pick) -> Entry:
+    """``_entry_variants(rank, pick).full``: all a digest that fits its budget needs."""
+    key = (rank, id(pick.paper), pick.reasons)
+    hit = _FULL.get(key)
+    if hit is not None and hit[0] is pick.paper:
+        return hit[1]
+    base_key = (rank, id(pick.paper))
+    base = _BASES.get(base_key)
+    if base is None or base[0] is not pick.paper:
+        if len(_BASES) >= _VARIANTS_MAX:
+            _BASES.clear()
+        base = _BASES[base_key] = (pick.paper, _variants(rank, pick.paper))
+    entry = _with_reasons(base[1].full, _clean_reasons(pick.reasons)[:MAX_REASONS])
+    if len(_FULL) >= _VARIANTS_MAX:
+        _FULL.clear()
+    _FULL[key] = (pick.paper, entry)
+    return entry
 
 
 def _entry_variants(rank: int, pick: Pick) -> _Variants:
@@ -290,17 +346,34 @@ def _entry_variants(rank: int, pick: Pick) -> _Variants:
     hit = _BY_IDENTITY.get(key)
     if hit is not None and hit[0] is pick.paper:
         return hit[1]
-    variants = _variants(rank, pick.paper, pick.reasons)
+    base_key = (rank, id(pick.paper))
+    base = _BASES.get(base_key)
+    if base is None or base[0] is not pick.paper:
+        if len(_BASES) >= _VARIANTS_MAX:
+            _BASES.clear()
+        base = _BASES[base_key] = (pick.paper, _variants(rank, pick.paper))
+    reasons = _clean_reasons(pick.reasons)
+    plain = base[1]
+    variants = _Variants(
+        full=_with_reasons(plain.full, reasons[:MAX_REASONS]),
+        short=_with_reasons(plain.short, reasons[:1]),
+        compact=_with_reasons(plain.compact, reasons[:1]),
+    )
     if len(_BY_IDENTITY) >= _VARIANTS_MAX:
         _BY_IDENTITY.clear()
     _BY_IDENTITY[key] = (pick.paper, variants)
     return variants
 
 
-@functools.lru_cache(maxsize=8192)
-def _variants(rank: int, paper: Paper, pick_reasons: tuple[str, ...]) -> _Variants:
-    """An entry's three forms; cached, since many subscribers get the same paper at the
-    same rank for the same reasons (Entry is immutable)."""
+@functools.lru_cache(maxsize=4096)
+def _clean_reasons(pick_reasons: tuple[str, ...]) -> tuple[str, ...]:
+    """A pick's reasons as shown: cleaned, the empty ones dropped (cached: they recur)."""
+    return tuple(r for r in (clean_text(r, MAX_REASON) for r in pick_reasons) if r)
+
+
+def _variants(rank: int, paper: Paper) -> _Variants:
+    """An entry's three forms, without the pick's reasons (:func:`_entry_variants` adds
+    them): the same for every subscriber who gets the paper at that rank."""
     arxiv_id = normalize_arxiv_id(paper.id) if paper.id else None
     url = safe_url(paper.url) or (f"https://arxiv.org/abs/{arxiv_id}" if arxiv_id else "")
     title = _tex(paper.title, MAX_TITLE) or clean_text(paper.id, 100) or "(untitled)"
@@ -317,7 +390,6 @@ def _variants(rank: int, paper: Paper, pick_reasons: tuple[str, ...]) -> _Varian
         if link and link != url and all(link != seen.url for seen in links):
             links.append(Link(label, link))
     summary_source = paper.summary or paper.abstract or ""
-    reasons = tuple(r for r in (clean_text(r, MAX_REASON) for r in pick_reasons) if r)
     full = Entry(
         rank=rank,
         paper_id=paper.id,
@@ -328,13 +400,12 @@ def _variants(rank: int, paper: Paper, pick_reasons: tuple[str, ...]) -> _Varian
         comments_text=_plural(paper.comments, "comment") if paper.comments else "",
         categories=" ".join(clean_text(c, 20) for c in paper.categories[:2]),
         summary=_tex(summary_source, MAX_SUMMARY),
-        reasons=reasons[:MAX_REASONS],
+        reasons=(),
         links=tuple(links),
     )
     short = replace(
         full,
         summary=_trim(full.summary, MAX_SHORT_SUMMARY),
-        reasons=reasons[:1],
         links=tuple(link for link in links if link.label == "PDF"),
     )
     return _Variants(full=full, short=short, compact=replace(short, compact=True))
@@ -389,7 +460,14 @@ def _wrap(text: str, width: int = TEXT_WIDTH, indent: str = "", first: str | Non
 
 
 def _fill_text(text: str, width: int, indent: str, first: str | None) -> str:
-    """:func:`_wrap` uncached, for text that is personal (it would only evict)."""
+    """:func:`_wrap` uncached, for text that is personal (it would only evict).
+
+    Text of printable characters and single spaces (what :func:`clean_text` gives) is
+    wrapped by :func:`_greedy`, which is textwrap's algorithm for exactly that input at a
+    tenth of the cost; anything else goes to textwrap itself."""
+    initial = indent if first is None else first
+    if text and text.isprintable() and "  " not in text and text[0] != " " != text[-1]:
+        return _greedy(text, width, initial, indent)
     return textwrap.fill(
         text,
         width=width,
@@ -398,6 +476,33 @@ def _fill_text(text: str, width: int, indent: str, first: str | None) -> str:
         break_long_words=False,
         break_on_hyphens=False,
     )
+
+
+def _greedy(text: str, width: int, initial: str, indent: str) -> str:
+    """``textwrap.fill(text, width, initial_indent=initial, subsequent_indent=indent,
+    break_long_words=False, break_on_hyphens=False)`` for text of printable characters
+    and single spaces: its chunks are then the words with one " " between them, and this
+    is ``TextWrapper._wrap_chunks`` on them (a word longer than the line stands alone)."""
+    if width <= 0:
+        raise ValueError(f"invalid width {width!r} (must be > 0)")
+    words = text.split(" ")
+    lines: list[str] = []
+    i, n = 0, len(words)
+    while i < n:
+        prefix = indent if lines else initial
+        room = width - len(prefix)
+        line = words[i]
+        used = len(line)
+        if used > room:  # a long word alone on its line
+            i += 1
+        else:
+            i += 1
+            while i < n and used + 1 + len(words[i]) <= room:
+                line += " " + words[i]
+                used += 1 + len(words[i])
+                i += 1
+        lines.append(prefix + line)
+    return "\n".join(lines)
 
 
 def _long_date(date: dt.date) -> str:
@@ -430,6 +535,140 @@ def _interests(subscriber: Subscriber) -> str:
     return ", ".join(items)
 
 
+_Piece = str | tuple[str, int]  # literal text, or a slot: ("S", field), ("W", wrap), ("B", 0)…
+_Deferred = tuple[str, int, str, str | None]  # a ``wrap`` call: text, width, indent, first
+
+
+class _Deferrals:
+    """Sentinels for values filled in per message, and the ``wrap`` calls on them that have
+    to wait for the real text (see :class:`_Shapes` and :class:`_EntryBlocks`).
+
+    A sentinel is ``<prefix><kind><n>x``: letters and digits only, so escaping, emphasis
+    and wrapping leave it whole. Kinds: S a personal value, B the entry blocks, W a
+    deferred wrap, and for a pick's reasons R (as is), H (``emphasis_html``), T
+    (``emphasis_text``).
+    """
+
+    REASONS = 8  # reason sentinels; an entry with more reasons is rendered by Jinja
+
+    def __init__(self) -> None:
+        self.prefix = "Qz" + secrets.token_hex(8)
+        self.slot = re.compile(re.escape(self.prefix) + r"([SWBRHT])(\d+)x")
+        self.reason = re.compile(re.escape(self.prefix) + r"R(\d+)x")
+        self.reasons = tuple(f"{self.prefix}R{i}x" for i in range(self.REASONS))
+        self.active: list[_Deferred] | None = None
+
+    def wrap(self, text: str, width: int, indent: str, first: str | None) -> str | None:
+        """A placeholder for ``wrap(text…)`` while collecting, if ``text`` has a sentinel."""
+        if self.active is None or self.prefix not in text:
+            return None
+        self.active.append((text, width, indent, first))
+        return f"{self.prefix}W{len(self.active) - 1}x"
+
+    def emphasis(self, text: str, kind: str) -> str | None:
+        """The H/T sentinel for a reason sentinel passed to an emphasis filter."""
+        if self.active is None:
+            return None
+        found = self.reason.fullmatch(text)
+        return f"{self.prefix}{kind}{found.group(1)}x" if found else None
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[list[_Deferred]]:
+        """Defer sentinel-bearing wraps (and mark emphasised reasons) inside the block."""
+        self.active = []
+        try:
+            yield self.active
+        finally:
+            self.active = None
+
+
+def _reason_value(kind: str, reason: str) -> str:
+    """What the template produced for ``reason`` at a sentinel of ``kind`` (unescaped)."""
+    if kind == "H":
+        return str(emphasis_html(reason))
+    if kind == "T":
+        return emphasis_text(reason)
+    return reason
+
+
+class _StaticRun:
+    """Fixed text of whole lines with its encoding, worked out once."""
+
+    __slots__ = ("segment", "text")
+
+    def __init__(self, text: str, segment: Segment) -> None:
+        self.text = text
+        self.segment = segment
+
+
+class _DynamicRun:
+    """A run of lines holding slots: filled and encoded per message (``keep``: its
+    encoding is cached by text, for runs that recur, such as a pick's reasons)."""
+
+    __slots__ = ("keep", "pieces")
+
+    def __init__(self, pieces: tuple[_Piece, ...], keep: bool) -> None:
+        self.pieces = pieces
+        self.keep = keep
+
+
+_Run = _StaticRun | _DynamicRun | None  # None: the entry blocks go here
+_Runs = tuple[_Run, ...]
+# A loop body rendered with reason sentinels: its pieces, deferred wraps and line runs.
+_BlockTemplate = tuple[tuple[_Piece, ...], tuple[_Deferred, ...], _Runs | None]
+
+
+def _compile_runs(pieces: Sequence[_Piece], keep: bool, whole_lines: bool) -> _Runs | None:
+    """``pieces`` grouped into runs of lines: the fixed ones encoded now, those with slots
+    left to fill. None if that cannot be done: the blocks slot not at a line start, a run
+    that does not encode, or (``whole_lines``) text after the last line end."""
+    runs: list[_Run] = []
+    current: list[_Piece] = []
+
+    def close() -> None:
+        if not current:
+            return
+        if all(type(p) is str for p in current):
+            text = "".join(cast("list[str]", current))
+            encoded = segment(text, False)
+            if encoded is None:
+                raise ValueError("a run that cannot be encoded")
+            runs.append(_StaticRun(text, encoded))
+        else:
+            runs.append(_DynamicRun(tuple(current), keep))
+        current.clear()
+
+    try:
+        for piece in pieces:
+            if type(piece) is not str:
+                if piece == ("B", 0):
+                    if current:
+                        return None
+                    runs.append(None)
+                else:
+                    current.append(piece)
+                continue
+            literal = piece
+            first = literal.find("\n")
+            if first < 0:
+                current.append(literal)
+                continue
+            last = literal.rfind("\n")
+            current.append(literal[: first + 1])
+            close()
+            if last > first:
+                current.append(literal[first + 1 : last + 1])
+                close()
+            if literal[last + 1 :]:
+                current.append(literal[last + 1 :])
+        if current and whole_lines:
+            return None
+        close()
+    except ValueError:
+        return None
+    return tuple(runs)
+
+
 _FOR_ENTRIES = re.compile(r"\{%-?\s*for\s+e\s+in\s+entries\s*-?%\}")
 _LOOP_TAG = re.compile(r"\{%-?\s*(for|endfor)\b.*?-?%\}", re.DOTALL)
 ENTRY_BLOCKS_MAX = 8192  # cached entry blocks per template (~2 KB each), then start over
@@ -437,9 +676,15 @@ ENTRY_BLOCKS_MAX = 8192  # cached entry blocks per template (~2 KB each), then s
 
 class _EntryBlocks:
     """A template whose ``{% for e in entries %}`` body is rendered once per distinct entry
-    and reused for every subscriber who gets that paper at that rank for the same reasons
-    (most of them: ~87 % of entries repeat in a 10,000-subscriber run). The rest of the
-    template is rendered per message with the blocks joined in.
+    and reused for every subscriber who gets that paper at that rank for the same reasons.
+    The rest of the template is rendered per message with the blocks joined in.
+
+    The reasons differ most between readers, so the body is rendered by Jinja once per
+    entry *without* them: with sentinels in their place (see :class:`_Deferrals`), kept as
+    pieces; an entry's block is those pieces filled with its reasons. A new set of pieces
+    is checked against Jinja with the entry's own reasons and with hostile probe reasons;
+    any difference, or a sentinel that comes out changed, switches the pieces off and Jinja
+    renders every block.
 
     Self-checking: the body is rendered with nothing but ``e`` in its context (a body that
     needs anything else fails and switches this off), and the first messages are also
@@ -448,11 +693,26 @@ class _EntryBlocks:
     """
 
     CHECKS = 2
+    PROBES = ("<b>&amp; \"x\" *a* 'y'", "*one* and *two*", "日本語 — “q” <", "z" * 90, "a & b")
 
-    def __init__(self, env: jinja2.Environment, source: str, whole: jinja2.Template) -> None:
+    def __init__(
+        self,
+        env: jinja2.Environment,
+        source: str,
+        whole: jinja2.Template,
+        deferrals: _Deferrals | None = None,
+    ) -> None:
         self.whole = whole
         self.html = bool(env.autoescape if not callable(env.autoescape) else True)
         self.blocks: dict[Entry, str] = {}
+        # entry with reason sentinels -> (pieces, deferred wraps, runs or None), or None:
+        # Jinja renders it
+        self.templates: dict[Entry, _BlockTemplate | None] = {}
+        # (plain entry, reason count) -> its template's runs and wraps (None: no runs)
+        self.by_entry: dict[object, tuple[_Runs, tuple[_Deferred, ...]] | None] = {}
+        # (run, reasons) -> the run filled with those reasons, and its encoding
+        self.filled: dict[tuple[_Run, tuple[str, ...]], tuple[str, Segment]] = {}
+        self.deferrals = deferrals
         self.checks = self.CHECKS
         self.skeleton: jinja2.Template | None = None
         self.body: jinja2.Template | None = None
@@ -494,12 +754,142 @@ class _EntryBlocks:
         for entry in entries:
             block = self.blocks.get(entry)
             if block is None:
-                block = self.body.render(e=entry)
+                block = self._block(entry)
                 if len(self.blocks) >= ENTRY_BLOCKS_MAX:
                     self.blocks.clear()
                 self.blocks[entry] = block
             parts.append(block)
         return parts
+
+    def extend(
+        self,
+        entries: Sequence[Entry],
+        segments: list[Segment],
+        texts: list[str] | None,
+    ) -> bool:
+        """Add the entries' encoded line runs to ``segments`` (and their text to ``texts``);
+        False if an entry has no runs (the caller then uses :meth:`each`)."""
+        by_entry = self.by_entry
+        filled = self.filled
+        for entry in entries:
+            reasons = entry.reasons
+            key = (entry.plain, len(reasons)) if entry.plain is not None else entry
+            if key in by_entry:
+                found = by_entry[key]
+            else:
+                made = self._made(entry)
+                found = None if made is None or made[2] is None else (made[2], made[1])
+                if len(by_entry) >= ENTRY_BLOCKS_MAX:
+                    by_entry.clear()
+                by_entry[key] = found
+            if found is None:
+                return False
+            runs, wraps = found
+            for run in runs:
+                if type(run) is _StaticRun:
+                    segments.append(run.segment)
+                    if texts is not None:
+                        texts.append(run.text)
+                    continue
+                done = filled.get((run, reasons))
+                if done is None:
+                    text = self._fill(cast("_DynamicRun", run).pieces, wraps, reasons)
+                    encoded = segment(text, False)
+                    if encoded is None:
+                        return False
+                    if len(filled) >= ENTRY_BLOCKS_MAX:
+                        filled.clear()
+                    done = filled[run, reasons] = (text, encoded)
+                segments.append(done[1])
+                if texts is not None:
+                    texts.append(done[0])
+        return True
+
+    def _made(self, entry: Entry) -> _BlockTemplate | None:
+        d = self.deferrals
+        if self.body is None or d is None or len(entry.reasons) > len(d.reasons):
+            return None
+        key = _with_reasons(entry, d.reasons[: len(entry.reasons)])
+        if key in self.templates:
+            return self.templates[key]
+        made = self._template(key, entry)
+        if len(self.templates) >= ENTRY_BLOCKS_MAX:
+            self.templates.clear()
+        self.templates[key] = made
+        return made
+
+    def _block(self, entry: Entry) -> str:
+        assert self.body is not None
+        made = self._made(entry)
+        if made is None:
+            return self.body.render(e=entry)
+        # Kept with its encoding (the block recurs in many messages).
+        return EncodedText(self._fill(made[0], made[1], entry.reasons))
+
+    def _template(self, key: Entry, entry: Entry) -> _BlockTemplate | None:
+        """The body rendered for ``key`` (reason sentinels) as pieces, checked; or None."""
+        assert self.body is not None and self.deferrals is not None
+        d = self.deferrals
+        try:
+            with d.collecting() as wraps:
+                rendered = self.body.render(e=key)
+            pieces: list[_Piece] = []
+            split = d.slot.split(rendered)
+            for i in range(0, len(split), 3):
+                if split[i]:
+                    pieces.append(split[i])
+                if i + 2 < len(split):
+                    kind, index = split[i + 1], int(split[i + 2])
+                    if kind in "SB" or index >= (len(wraps) if kind == "W" else len(key.reasons)):
+                        raise ValueError(f"unexpected slot {kind}{index}")
+                    pieces.append((kind, index))
+            for text, *_ in wraps:
+                if any(m.group(1) not in "RHT" for m in d.slot.finditer(text)):
+                    raise ValueError("a wrap around another wrap")
+            runs = _compile_runs(pieces, keep=True, whole_lines=True)
+            made = (tuple(pieces), tuple(wraps), runs)
+            n = len(entry.reasons)
+            probes = tuple((self.PROBES * 2)[i] for i in range(n))
+            for reasons in (entry.reasons, probes):
+                filled = self._fill(made[0], made[1], reasons)
+                if filled != self.body.render(e=_with_reasons(entry, reasons)):
+                    raise ValueError("differs from the template")
+                if runs is not None and filled != "".join(
+                    r.text if isinstance(r, _StaticRun) else self._fill(r.pieces, made[1], reasons)
+                    for r in cast("list[_StaticRun | _DynamicRun]", runs)
+                ):
+                    raise ValueError("runs differ from the template")
+        except Exception as exc:
+            log.warning("entry_block_pieces_disabled", reason=str(exc)[:200])
+            self.deferrals = None  # Jinja renders every block from now on
+            return None
+        return made
+
+    def _fill(
+        self,
+        pieces: tuple[_Piece, ...],
+        wraps: tuple[_Deferred, ...],
+        reasons: tuple[str, ...],
+    ) -> str:
+        assert self.deferrals is not None
+        esc = self.html
+        out: list[str] = []
+        for piece in pieces:
+            if type(piece) is str:
+                out.append(piece)
+                continue
+            kind, index = cast("tuple[str, int]", piece)
+            if kind == "W":
+                text, width, indent, first = wraps[index]
+                text = self.deferrals.slot.sub(
+                    lambda m: _reason_value(m.group(1), reasons[int(m.group(2))]), text
+                )
+                wrapped = _wrap(text, width, indent, first)
+                out.append(str(markupsafe.escape(wrapped)) if esc else wrapped)
+            else:
+                value = _reason_value(kind, reasons[index])
+                out.append(str(markupsafe.escape(value)) if esc and kind != "H" else value)
+        return "".join(out)
 
     def render(self, context: dict[str, object]) -> str:
         if self.skeleton is None or self.body is None:
@@ -532,8 +922,6 @@ PERSONAL_FIELDS = (
     "unsubscribe_url",
 )
 SHAPES_MAX = 4096  # cached skeleton shapes (~10 KB each), then start over
-_Piece = str | tuple[str, int]  # literal text, or a slot: ("S", field), ("W", wrap), ("B", 0)
-_Deferred = tuple[str, int, str, str | None]  # a ``wrap`` call: text, width, indent, first
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,6 +929,9 @@ class _Shape:
     html: tuple[_Piece, ...]
     text: tuple[_Piece, ...]
     wraps: tuple[_Deferred, ...]
+    # The same as line runs (None: not possible, the parts are encoded from strings).
+    html_runs: _Runs | None = None
+    text_runs: _Runs | None = None
 
 
 class _Shapes:
@@ -564,25 +955,18 @@ class _Shapes:
 
     CHECKS = 3
 
-    def __init__(self, html: _EntryBlocks, text: _EntryBlocks) -> None:
+    def __init__(self, html: _EntryBlocks, text: _EntryBlocks, deferrals: _Deferrals) -> None:
         self.parts = (html, text)
-        self.prefix = "Qz" + secrets.token_hex(8)  # letters and digits: escape/wrap-neutral
+        self.deferrals = deferrals
+        self.prefix = deferrals.prefix  # letters and digits: escape/wrap-neutral
         self.sentinels = tuple(f"{self.prefix}S{i}x" for i in range(len(PERSONAL_FIELDS)))
-        self.slot = re.compile(re.escape(self.prefix) + r"([SWB])(\d+)x")
+        self.slot = deferrals.slot
         self.cache: dict[tuple[object, ...], _Shape] = {}
-        self.deferred: list[_Deferred] | None = None
         self.checks = self.CHECKS
         self.on = all(
             p.skeleton is not None and p.body is not None and "entries" not in p.skeleton_names
             for p in self.parts
         )
-
-    def wrap(self, text: str, width: int, indent: str, first: str | None) -> str | None:
-        """A placeholder for ``wrap(text…)`` while a shape is built, if ``text`` is personal."""
-        if self.deferred is None or self.prefix not in text:
-            return None
-        self.deferred.append((text, width, indent, first))
-        return f"{self.prefix}W{len(self.deferred) - 1}x"
 
     def render(
         self, context: dict[str, object], entries: list[Entry]
@@ -621,6 +1005,99 @@ class _Shapes:
                 return None
         return html, text, html_parts, text_parts
 
+    def encoded(
+        self, context: dict[str, object], entries: list[Entry], want_parts: bool
+    ) -> tuple[tuple[str, bytes], tuple[str, bytes], str, str] | None:
+        """(encoded text, encoded html, text, html) put together from encoded line runs —
+        the shape's and the entries' — with no text joined and encoded per message but
+        the lines that hold personal values; the text and html strings are only made for
+        ``want_parts`` ("" otherwise). None: use :meth:`render`.
+
+        The first messages are checked against :meth:`render`'s output, byte for byte.
+        """
+        if not self.on or any(p.skeleton is None for p in self.parts):
+            return None
+        personal = [context[f] for f in PERSONAL_FIELDS]
+        if not all(type(v) is str for v in personal):
+            return None
+        rest = tuple(
+            (k, v) for k, v in context.items() if k not in PERSONAL_FIELDS and k != "entries"
+        )
+        shape = self.cache.get((rest, tuple(bool(v) for v in personal)))
+        if shape is None or shape.html_runs is None or shape.text_runs is None:
+            return None
+        checking = self.checks > 0
+        want_parts = want_parts or checking
+        values = cast("list[str]", personal)
+        out: list[tuple[str, bytes] | None] = []
+        bodies: list[str] = []
+        for runs, part in ((shape.text_runs, self.parts[1]), (shape.html_runs, self.parts[0])):
+            segments: list[Segment] = []
+            texts: list[str] | None = [] if want_parts else None
+            last = ""
+            for run in runs:
+                if run is None:
+                    if not part.extend(entries, segments, texts):
+                        return None
+                    last = "\n"
+                elif type(run) is _StaticRun:
+                    segments.append(run.segment)
+                    if texts is not None:
+                        texts.append(run.text)
+                    last = run.text
+                else:
+                    pieces = cast("_DynamicRun", run).pieces
+                    text = self._fill_run(pieces, shape.wraps, values, part)
+                    encoded = segment(text, False)
+                    if encoded is None:
+                        return None
+                    segments.append(encoded)
+                    if texts is not None:
+                        texts.append(text)
+                    last = text
+            out.append(assemble(segments, last.endswith("\n")))
+            bodies.append("".join(texts) if texts is not None else "")
+        if out[0] is None or out[1] is None:
+            return None
+        result = (out[0], out[1], bodies[0], bodies[1])
+        if checking:
+            self.checks -= 1
+            shaped = self.render(context, entries)
+            if shaped is None:
+                return None
+            want = (encode_parts(shaped[3]), encode_parts(shaped[2]), shaped[1], shaped[0])
+            stuffing = [cast(Any, r[1]).stuffed for r in (out[0], out[1])]
+            if result != want or stuffing != [
+                cast(Any, w[1]).stuffed if w else None for w in (want[0], want[1])
+            ]:
+                self._off("line runs differ from the parts")
+                return None
+        return result
+
+    def _fill_run(
+        self,
+        pieces: tuple[_Piece, ...],
+        wraps: tuple[_Deferred, ...],
+        personal: list[str],
+        part: _EntryBlocks,
+    ) -> str:
+        esc = part.html
+        out: list[str] = []
+        for piece in pieces:
+            if type(piece) is str:
+                out.append(piece)
+                continue
+            kind, index = cast("tuple[str, int]", piece)
+            if kind == "S":
+                value = personal[index]
+                out.append(str(markupsafe.escape(value)) if esc else value)
+            else:
+                text, width, indent, first = wraps[index]
+                text = self.slot.sub(lambda m: personal[int(m.group(2))], text)
+                wrapped = _fill_text(text, width, indent, first)
+                out.append(str(markupsafe.escape(wrapped)) if esc else wrapped)
+        return "".join(out)
+
     def _off(self, reason: str) -> None:
         log.warning("digest_shapes_disabled", reason=reason)
         self.on = False
@@ -631,21 +1108,24 @@ class _Shapes:
         for name, sentinel in zip(PERSONAL_FIELDS, self.sentinels, strict=True):
             fake[name] = sentinel if context[name] else ""  # "if x" sees the same
         blocks = f"{self.prefix}B0x"
-        self.deferred = []
-        try:
+        with self.deferrals.collecting() as deferred:
             out = []
             for part in self.parts:
                 assert part.skeleton is not None
                 slot: str = markupsafe.Markup(blocks) if part.html else blocks  # noqa: S704
                 out.append(part.skeleton.render(fake, __entry_blocks__=slot))
-            wraps = tuple(self.deferred)
-        finally:
-            self.deferred = None
+            wraps = tuple(deferred)
         for text, *_ in wraps:
             if any(m.group(1) != "S" for m in self.slot.finditer(text)):
                 raise ValueError("a wrap around the entry blocks or another wrap")
         pieces = [self._pieces(o, len(wraps)) for o in out]
-        return _Shape(html=pieces[0], text=pieces[1], wraps=wraps)
+        return _Shape(
+            html=pieces[0],
+            text=pieces[1],
+            wraps=wraps,
+            html_runs=_compile_runs(pieces[0], keep=False, whole_lines=False),
+            text_runs=_compile_runs(pieces[1], keep=False, whole_lines=False),
+        )
 
     def _pieces(self, rendered: str, wraps: int) -> tuple[_Piece, ...]:
         split = self.slot.split(rendered)
@@ -714,19 +1194,29 @@ class Renderer:
             keep_trailing_newline=True,
         )
         self._shapes: _Shapes | None = None
+        deferrals = _Deferrals()
 
         def wrap(
             text: str, width: int = TEXT_WIDTH, indent: str = "", first: str | None = None
         ) -> str:
-            if self._shapes is not None:
-                deferred = self._shapes.wrap(text, width, indent, first)
-                if deferred is not None:
-                    return deferred
+            deferred = deferrals.wrap(text, width, indent, first)
+            if deferred is not None:
+                return deferred
             return _wrap(text, width, indent, first)
 
+        def emphasis_html_filter(text: str) -> markupsafe.Markup:
+            marked = deferrals.emphasis(text, "H")
+            if marked is not None:
+                return markupsafe.Markup(marked)  # noqa: S704 (letters and digits)
+            return emphasis_html(text)
+
+        def emphasis_text_filter(text: str) -> str:
+            marked = deferrals.emphasis(text, "T")
+            return marked if marked is not None else emphasis_text(text)
+
         self._env.filters["wrap"] = wrap
-        self._env.filters["emphasis_html"] = emphasis_html
-        self._env.filters["emphasis_text"] = emphasis_text
+        self._env.filters["emphasis_html"] = emphasis_html_filter
+        self._env.filters["emphasis_text"] = emphasis_text_filter
         try:
             source = (directory / "digest.html").read_text(encoding="utf-8")
             # Inline once, here: the Jinja markup survives css-inline's HTML round trip as
@@ -738,19 +1228,22 @@ class Renderer:
             self._html = self._env.from_string(inlined)
             self._text = self._env.get_template("digest.txt")
             # Each paper's block rendered once per run, not once per subscriber.
-            self._html_blocks = _EntryBlocks(self._env, inlined, self._html)
+            self._html_blocks = _EntryBlocks(self._env, inlined, self._html, deferrals)
             text_env = self._env.overlay(autoescape=False)
             text_source = (directory / "digest.txt").read_text(encoding="utf-8")
-            self._text_blocks = _EntryBlocks(text_env, text_source, self._text)
+            self._text_blocks = _EntryBlocks(text_env, text_source, self._text, deferrals)
             # The rest of both templates rendered once per shape, personalised by slots.
-            self._shapes = _Shapes(self._html_blocks, self._text_blocks)
+            self._shapes = _Shapes(self._html_blocks, self._text_blocks, deferrals)
         except (OSError, UnicodeError, jinja2.TemplateError, css_inline.InlineError) as exc:
             raise RenderError(f"cannot load the templates in {directory}: {exc}") from exc
 
-    def render(self, digest: Digest, ctx: RenderContext) -> RenderedDigest:
-        """The finished message for ``digest``; raises RenderError (that subscriber only)."""
+    def render(self, digest: Digest, ctx: RenderContext, *, parts: bool = True) -> RenderedDigest:
+        """The finished message for ``digest``; raises RenderError (that subscriber only).
+
+        ``parts=False``: the message bytes are all the caller needs, and the ``html`` and
+        ``text`` fields may come back empty (the SMTP sender does not keep them)."""
         try:
-            return self._render(digest, ctx)
+            return self._render(digest, ctx, parts)
         except RenderError:
             raise
         except Exception as exc:  # a template or data bug must not stop other subscribers
@@ -758,7 +1251,7 @@ class Renderer:
                 f"cannot render the digest for subscriber {digest.subscriber.id}: {exc!r}"
             ) from exc
 
-    def _render(self, digest: Digest, ctx: RenderContext) -> RenderedDigest:
+    def _render(self, digest: Digest, ctx: RenderContext, parts: bool) -> RenderedDigest:
         sub = digest.subscriber
         if not _TOKEN.match(sub.token):
             raise RenderError(f"subscriber {sub.id} has no usable link token")
@@ -767,8 +1260,8 @@ class Renderer:
         base_url = safe_url(ctx.base_url).rstrip("/")
         if not base_url:
             raise RenderError(f"base_url {ctx.base_url!r} is not an http(s) URL")
-        variants = [_entry_variants(i, pick) for i, pick in enumerate(digest.picks, start=1)]
-        count = len(variants)
+        fulls = [_entry_full(i, pick) for i, pick in enumerate(digest.picks, start=1)]
+        count = len(fulls)
         subject = _subject(ctx.subject_template, digest.date, count)
         list_name = ctx.list_name
         list_id_value(ctx.list_id, list_name)  # a bad list_id fails before any rendering
@@ -807,18 +1300,24 @@ class Renderer:
             }
 
         def html_for(step: int) -> tuple[str, list[Entry]]:
+            variants = [_entry_variants(i, pick) for i, pick in enumerate(digest.picks, start=1)]
             entries = _plan(variants, step)
             return self._html_blocks.render(context(entries)), entries
 
-        entries = _plan(variants, 0)
+        entries = fulls  # _plan(variants, 0)
         text: str | None = None
         encoded: tuple[tuple[str, bytes] | None, tuple[str, bytes] | None] = (None, None)
-        shaped = self._shapes.render(context(entries), entries) if self._shapes else None
-        if shaped is not None:
-            html, text = shaped[0], shaped[1]
-            encoded = (encode_parts(shaped[3]), encode_parts(shaped[2]))
+        first = context(entries)
+        fast = self._shapes.encoded(first, entries, parts) if self._shapes else None
+        if fast is not None:
+            encoded, text, html = (fast[0], fast[1]), fast[2], fast[3]
         else:
-            html, entries = html_for(0)
+            shaped = self._shapes.render(first, entries) if self._shapes else None
+            if shaped is not None:
+                html, text = shaped[0], shaped[1]
+                encoded = (encode_parts(shaped[3]), encode_parts(shaped[2]))
+            else:
+                html, entries = html_for(0)
         size = len(encoded[1][1]) if encoded[1] is not None else encoded_size(html)
         if size > _SIZE_TARGET:
             text, encoded = None, (None, None)

@@ -1,0 +1,144 @@
+"""The per-message render path of issue 6 (render.py): entry blocks made once per paper and
+rank with the reasons filled in, bodies put together from encoded line runs, the DATA
+payload worked out with the message, and the fast word wrap. Each is checked against the
+slow path it replaces, byte for byte."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import textwrap
+from pathlib import Path
+
+from test_render_blocks import variety
+from test_render_samples import context, digest, fixture_papers, subscriber
+from test_wire import reference_payload
+
+from digestd.compose import WireReady
+from digestd.models import Digest, Pick
+from digestd.render import Renderer, _fill_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parts_path_only(renderer: Renderer) -> Renderer:
+    """The same renderer without the line-run path (bodies encoded from joined parts)."""
+    assert renderer._shapes is not None
+    renderer._shapes.encoded = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    return renderer
+
+
+def many_reasons() -> list[Digest]:
+    """Digests whose picks carry reasons with markup, emphasis, non-ASCII and long words,
+    repeated so that blocks and filled runs come from the caches."""
+    papers = fixture_papers()
+    reasons = [
+        ("matches *diffusion*",),
+        ("matches *a & b* <i>", "by “Zoë”"),
+        ("x" * 200, "*one* and *two*", "three", "four", "five"),
+        (),
+    ]
+    out = []
+    for i in range(12):
+        picks = tuple(
+            Pick(p, 1.0, reasons[(i + j) % len(reasons)]) for j, p in enumerate(papers[:8])
+        )
+        sub = subscriber(id=i + 1, email=f"r{i}@example.org", name=f"Reader {i}")
+        out.append(Digest(sub, digest(1).date, picks))
+    return out
+
+
+def test_runs_give_the_same_message_as_the_parts_path() -> None:
+    """Every digest (the blocks' variety and many reason mixes), rendered twice so the
+    second pass comes from the caches, gives the same message, html and text with line
+    runs as without them."""
+    fast, slow = Renderer(), parts_path_only(Renderer())
+    digests = variety() + many_reasons()
+    for d in digests + digests:
+        got, want = fast.render(d, context()), slow.render(d, context())
+        assert got == want, (len(d.picks), d.subscriber.email)
+    assert fast._shapes is not None and fast._shapes.on
+    assert fast._html_blocks.by_entry and fast._html_blocks.filled
+
+
+def test_without_parts_only_the_message_is_made() -> None:
+    """parts=False: the same message bytes, and the html and text are not built."""
+    fast, slow = Renderer(), Renderer()
+    for d in many_reasons() * 2:
+        lean = fast.render(d, context(), parts=False)
+        full = slow.render(d, context())
+        assert lean.message == full.message
+    assert lean.html == "" and lean.text == ""
+
+
+def test_the_message_carries_its_data_payload() -> None:
+    """The payload built with the message is what dot-stuffing the whole message gives,
+    including bodies with lines that start with "." (a title of dots)."""
+    papers = fixture_papers()
+    dotted = tuple(
+        type(p)(**{**{f: getattr(p, f) for f in p.__slots__}, "title": "." * 90 + " .x"})
+        for p in papers[:4]
+    )
+    renderer = Renderer()
+    stuffed = 0
+    for d in [*variety(), digest(4, papers=dotted), digest(4, papers=dotted)]:
+        message = renderer.render(d, context()).message
+        assert type(message) is WireReady
+        payload = message.payload if message.payload is not None else message + b".\r\n"
+        assert (payload, message.size) == reference_payload(message)
+        stuffed += message.payload is not None
+    assert stuffed, "no message needed stuffing: the test lost its point"
+
+
+def test_reasons_used_another_way_switch_the_pieces_off(tmp_path: Path) -> None:
+    """A loop body that shows a reason through another filter (here ``upper``) cannot be
+    filled from sentinels: the pieces switch off and the output is still right."""
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    html = templates / "digest.html"
+    source = html.read_text("utf-8")
+    marker = "{{ r | emphasis_html }}"
+    assert marker in source
+    html.write_text(source.replace(marker, "{{ r | upper }}", 1), "utf-8")
+    renderer = Renderer(templates)
+    reference = Renderer(templates)
+    reference._html_blocks.skeleton = reference._text_blocks.skeleton = None
+    for d in many_reasons():
+        assert renderer.render(d, context()) == reference.render(d, context())
+    assert renderer._html_blocks.deferrals is None  # pieces off for the HTML part
+    assert "MATCHES" in renderer.render(many_reasons()[0], context()).html
+
+
+def test_fast_wrap_is_textwrap() -> None:
+    """_fill_text equals textwrap.fill (no long-word or hyphen breaking) on 20,000 seeded
+    random texts, widths and indents, long words and tiny widths included."""
+    rng = random.Random(72)
+    letters = "abcdefé漢-/.*“"
+    for _ in range(20_000):
+        words = [
+            "".join(rng.choice(letters) for _ in range(rng.choice([1, 2, 3, 5, 8, 20, 80])))
+            for _ in range(rng.randint(1, 30))
+        ]
+        text = " ".join(words)
+        width = rng.choice([1, 2, 5, 10, 20, 40, 72, 80])
+        indent = rng.choice(["", "   ", " " * 12])
+        first = rng.choice([None, "", "  ", "x" * 15])
+        want = textwrap.fill(
+            text,
+            width=width,
+            initial_indent=indent if first is None else first,
+            subsequent_indent=indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        assert _fill_text(text, width, indent, first) == want, (text, width, indent, first)
+
+
+def test_fast_wrap_leaves_other_text_to_textwrap() -> None:
+    """Tabs, runs of spaces, edge spaces and newlines take textwrap's own path."""
+    for text in ("a\tb c", "a  b", " a b", "a b ", "a\nb", "a\xa0b " * 30):
+        want = textwrap.fill(
+            text, width=10, initial_indent="", subsequent_indent="  ",
+            break_long_words=False, break_on_hyphens=False,
+        )  # fmt: skip
+        assert _fill_text(text, 10, "  ", "") == want
