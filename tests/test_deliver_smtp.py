@@ -443,6 +443,30 @@ async def test_smtputf8_address(server: SmtpServer) -> None:
     assert "SMTPUTF8" in server.received[0].mail_options
 
 
+async def test_mail_options_follow_each_message_on_one_connection(server: SmtpServer) -> None:
+    """MAIL FROM's options are worked out per message even on one reused connection: SMTPUTF8
+    only for the non-ASCII address, BODY=8BITMIME only for the 8-bit body, SIZE each time."""
+    messages = [
+        digest_message("zoë@example.org"),
+        digest_message("ada@example.org", padding=3000),
+        digest_message("bob@example.org", eight_bit=True),
+        digest_message("zoë@example.org", eight_bit=True, padding=100),
+    ]
+    async with transport(server, concurrency=1) as t:
+        for message in messages:
+            assert (await t.send(message, SENDER)).state == "accepted"
+    assert server.sessions == 1
+    options = [set(got.mail_options) for got in server.received]
+    assert [("SMTPUTF8" in o, "BODY=8BITMIME" in o) for o in options] == [
+        (True, False),
+        (False, False),
+        (False, True),
+        (True, True),
+    ]
+    for got, message in zip(server.received, messages, strict=True):
+        assert f"SIZE={len(message.message)}" in got.mail_options
+
+
 async def test_smtputf8_address_without_server_support() -> None:
     """Without SMTPUTF8 on the server, a non-ASCII address fails locally (no suppression)."""
     with SmtpServer(smtputf8=False) as server:

@@ -367,6 +367,90 @@ async def test_implicit_tls_with_pipelining(cert: CertFiles) -> None:
     assert all(r.tls for r in server.received)
 
 
+TIMEOUTS = [
+    # (fault, expected state, words in the reply)
+    (Fault("rcpt", delay=3.0), "deferred", ("no reply within 0.5s", "not sent")),
+    (Fault("data", delay=2.0), "unknown", ("no reply within 0.5s", "may have accepted")),
+]
+
+
+@pytest.mark.parametrize(("fault", "state", "words"), TIMEOUTS)
+async def test_timeouts_are_classified_the_same_with_and_without_pipelining(
+    server: SmtpServer, fault: Fault, state: str, words: tuple[str, ...]
+) -> None:
+    """No reply within smtp.timeout: deferred before the body, unknown after it, with or
+    without PIPELINING; the connection is dropped and the next message takes a new one."""
+    server.script("bob@example.org", fault)
+    async with transport(server.port, timeout=0.5) as t:
+        slow = await t.send(digest_message("bob@example.org"), SENDER)
+        after = await t.send(digest_message("ada@example.org", subscriber_id=2), SENDER)
+    assert slow.state == state, slow.reply
+    assert all(word in slow.reply for word in words), slow.reply
+    assert after.state == "accepted"
+    assert server.sessions == 2
+
+
+async def test_deadline_is_per_transaction_not_per_connection(server: SmtpServer) -> None:
+    """smtp.timeout bounds each transaction: a connection whose transactions each take half
+    of it carries them all, however long the connection lives."""
+    server.script("bob@example.org", *[Fault("data", delay=0.25) for _ in range(5)])
+    async with transport(server.port, timeout=0.6, concurrency=1) as t:
+        results = [await t.send(digest_message("bob@example.org"), SENDER) for _ in range(5)]
+    assert [r.state for r in results] == ["accepted"] * 5, [r.reply for r in results]
+    assert server.sessions == 1
+
+
+# ------------------------------------------------------------------------ reply parsing
+
+REPLY_STREAMS = [
+    b"250 2.0.0 OK queued\r\n354 go ahead\n",
+    b"250-first\r\n250-second line\r\n250 last\r\n221 bye\r\n",
+    b"550-5.1.1 a\r\n550 5.1.1 b\r\n250 ok\r\n",
+    b"250\r\n250 \r\n250-\r\n250 x\r\n",
+    b"2\n250 ok\r\n",
+    b"25\r\n",
+    b" 250 leading space\r\n",
+    b"+25 sign\r\n",
+    b"2_5 underscore\r\n",
+    b"abc not a reply\r\n",
+    b"250 caf\xc3\xa9 \xff\xfe raw\tbytes \x00\r\n",
+    b"250 " + b"x" * 9000 + b"\r\n",
+    b"250-" + b"x" * 9000 + b"\r\n250 end\r\n",
+    b"250 no line end yet",
+]
+
+
+@pytest.mark.parametrize("stream", REPLY_STREAMS, ids=range(len(REPLY_STREAMS)))
+async def test_reply_parser_reads_what_aiosmtplib_reads(stream: bytes) -> None:
+    """The connection's own reply parser gives the same replies, and the same errors for
+    malformed or oversized lines, as aiosmtplib's, reply after reply."""
+    from aiosmtplib.protocol import SMTPProtocol
+
+    from digestd.deliver import _reply_queue_class
+
+    def replies(take: Callable[[], Any]) -> list[Any]:
+        out: list[Any] = []
+        for _ in range(10):
+            try:
+                reply = take()
+            except Exception as exc:
+                return [*out, (type(exc), str(exc))]
+            if reply is None:
+                return out
+            out.append(tuple(reply))
+        return out
+
+    loop = asyncio.get_running_loop()
+    reference = SMTPProtocol(loop=loop)
+    reference._buffer = bytearray(stream)
+    ours = _reply_queue_class()(SMTPProtocol(loop=loop))
+    ours._buffer = bytearray(stream)
+    expected = replies(reference._read_response_from_buffer)
+    assert bool(expected) == stream.endswith(b"\n")  # nothing until a line is complete
+    assert replies(ours._next_reply) == expected
+    assert ours._buffer == reference._buffer
+
+
 # ------------------------------------------------------------------- DATA payload marking
 
 
