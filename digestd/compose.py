@@ -17,6 +17,7 @@ turn a long unsubscribe URL into an encoded-word, which no mail client follows).
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import datetime as dt
 import email.policy
 import functools
@@ -483,6 +484,61 @@ def _content_type(boundary: str, utf8: bool) -> bytes:
     return folded.replace(_BOUNDARY_SHAPE.encode("ascii"), boundary.encode("ascii"))
 
 
+@dataclass(frozen=True, slots=True)
+class _FixedHeaders:
+    """The headers that are the same in every message of a run, folded, in the groups that
+    stand between the personal ones (To, Message-ID, List-Unsubscribe, Content-Type)."""
+
+    sender: bytes  # From
+    subject_date: bytes  # Subject, Date
+    lists: bytes  # Reply-To, List-Id
+    rest: bytes  # List-Unsubscribe-Post … MIME-Version
+    utf8: bool
+    longest: int  # the longest line among them
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_headers(
+    from_address: str,
+    from_name: str,
+    subject: str,
+    date: dt.datetime,
+    reply_to: str,
+    list_id: str,
+    list_name: str,
+    precedence: str,
+    feedback_id: str,
+    utf8_to: bool,
+) -> _FixedHeaders:
+    sender, utf8_from = _mailbox(from_address, from_name, "from")
+    utf8 = utf8_from or utf8_to
+    lists = []
+    if reply_to:
+        reply_address, utf8_reply = _mailbox(reply_to, "", "reply-to")
+        if utf8_reply and not utf8:
+            raise RenderError("reply-to address needs SMTPUTF8; use an ASCII address")
+        lists.append(_header("Reply-To", reply_address, utf8))
+    lists.append(_header("List-Id", list_id_value(list_id, list_name), utf8))
+    rest = [_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click", utf8)]
+    if header_text(precedence, 20):
+        rest.append(_header("Precedence", header_text(precedence, 20), utf8))
+    rest.append(_header("Auto-Submitted", "auto-generated", utf8))
+    if header_text(feedback_id, 200):
+        rest.append(_header("Feedback-ID", header_text(feedback_id, 200), utf8))
+    rest.append(_header("MIME-Version", "1.0", utf8))
+    fixed = _FixedHeaders(
+        sender=_header("From", sender, utf8),
+        subject_date=_header("Subject", header_text(subject, MAX_SUBJECT), utf8)
+        + _header("Date", date, utf8),
+        lists=b"".join(lists),
+        rest=b"".join(rest),
+        utf8=utf8,
+        longest=0,
+    )
+    joined = fixed.sender + fixed.subject_date + fixed.lists + fixed.rest
+    return dataclasses.replace(fixed, longest=max(len(x) for x in joined.split(_CRLF)))
+
+
 def build_message(
     headers: MessageHeaders,
     *,
@@ -500,39 +556,44 @@ def build_message(
     """
     if headers.date.tzinfo is None or headers.date.utcoffset() is None:
         raise RenderError("message date must be timezone-aware")
-    sender, utf8_from = _mailbox(headers.from_address, headers.from_name, "from")
-    recipient, utf8_to = _mailbox(headers.to_address, headers.to_name, "to")
-    utf8 = utf8_from or utf8_to
+    h = headers
+    recipient, utf8_to = _mailbox(h.to_address, h.to_name, "to")
     try:
-        head = [
-            _shared_header("From", sender, utf8),
-            _header("To", recipient, utf8),
-            _shared_header("Subject", header_text(headers.subject, MAX_SUBJECT), utf8),
-            _shared_header("Date", headers.date, utf8),
-            _header("Message-ID", header_text(headers.message_id, 250), utf8),
-        ]
-        if headers.reply_to:
-            reply_to, utf8_reply = _mailbox(headers.reply_to, "", "reply-to")
-            if utf8_reply and not utf8:
-                raise RenderError("reply-to address needs SMTPUTF8; use an ASCII address")
-            head.append(_shared_header("Reply-To", reply_to, utf8))
-        list_id = list_id_value(headers.list_id, headers.list_name)
-        head.append(_shared_header("List-Id", list_id, utf8))
-        unsubscribe = unsubscribe_value(headers.unsubscribe_url, headers.unsubscribe_mailto)
-        head.append(_header("List-Unsubscribe", unsubscribe, utf8))
-        head.append(_shared_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click", utf8))
-        if header_text(headers.precedence, 20):
-            head.append(_shared_header("Precedence", header_text(headers.precedence, 20), utf8))
-        head.append(_shared_header("Auto-Submitted", "auto-generated", utf8))
-        if header_text(headers.feedback_id, 200):
-            feedback = header_text(headers.feedback_id, 200)
-            head.append(_shared_header("Feedback-ID", feedback, utf8))
-        head.append(_shared_header("MIME-Version", "1.0", utf8))
+        # The headers that are the same in every message of a run come folded, in groups.
+        fixed = _fixed_headers(
+            h.from_address,
+            h.from_name,
+            h.subject,
+            h.date,
+            h.reply_to,
+            h.list_id,
+            h.list_name,
+            h.precedence,
+            h.feedback_id,
+            utf8_to,
+        )
+        utf8 = fixed.utf8
+        unsubscribe = unsubscribe_value(h.unsubscribe_url, h.unsubscribe_mailto)
         # A boundary that cannot occur in QP or base64 output ("=_"), fixed per message.
-        digest = hashlib.sha256(headers.message_id.encode("utf-8", "replace")).hexdigest()
+        digest = hashlib.sha256(h.message_id.encode("utf-8", "replace")).hexdigest()
         boundary = f"=_digestd_{digest[:32]}"
-        head.append(_content_type(boundary, utf8))
-        longest = max(len(line) for line in b"".join(head).split(_CRLF))
+        personal = [
+            _header("To", recipient, utf8),
+            _header("Message-ID", header_text(h.message_id, 250), utf8),
+            _header("List-Unsubscribe", unsubscribe, utf8),
+            _content_type(boundary, utf8),
+        ]
+        head = [
+            fixed.sender,
+            personal[0],
+            fixed.subject_date,
+            personal[1],
+            fixed.lists,
+            personal[2],
+            fixed.rest,
+            personal[3],
+        ]
+        longest = max(fixed.longest, *(len(line) for line in b"".join(personal).split(_CRLF)))
         if longest > MAX_LINE:  # bodies are encoded in lines of 76
             raise RenderError(f"message has a line of {longest} octets (limit {MAX_LINE})")
         out = [*head, _CRLF]

@@ -530,10 +530,11 @@ def _select_render(
         try:
             rendered = engine.render(digest, parts=keep_parts)
             message = wire_checked(rendered.message)
-            if keep_parts:
-                out.append(replace(rendered, message=message))
-            else:
-                out.append(replace(rendered, message=message, html="", text=""))
+            if message is not rendered.message or (not keep_parts and rendered.html):
+                rendered = replace(rendered, message=message)
+                if not keep_parts:
+                    rendered = replace(rendered, html="", text="")
+            out.append(rendered)
         except Exception as exc:  # one reader's render never aborts the run
             out.append(("error", sub.id, sub.email, str(exc)))
         render_s += clock() - tock
