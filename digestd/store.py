@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import hmac
 import json
+import operator
 import os
 import secrets
 import sqlite3
@@ -33,6 +34,9 @@ from .errors import NotFoundError, StoreError, ValidationError
 from .models import Delivery, DeliveryState, Paper, Preferences, Subscriber
 
 _T = TypeVar("_T")
+
+# The ledger's statements use RETURNING (3.35), UPDATE … FROM (3.33) and the JSON functions.
+MIN_SQLITE = (3, 35, 0)
 
 # find_by_token: how many leading token characters are looked up through the index.
 TOKEN_SELECTOR = 8
@@ -147,6 +151,55 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 )
 
 
+# claim_many: one UPSERT for a whole group. Each JSON item is [subscriber id, message id,
+# [paper ids]]; ``json_extract(…, '$[2]')`` gives the paper ids back as a JSON array text.
+# Rows already final (accepted, failed, suppressed) are left alone and not RETURNed. The
+# ``WHERE true`` tells SQLite's parser the ON CONFLICT belongs to the INSERT, not a join.
+_CLAIM_COLUMNS = (
+    "INSERT INTO deliveries (subscriber_id, digest_date, message_id, state, attempts,"
+    " paper_ids, run_id, created_at, updated_at)"
+)
+_CLAIM_UPSERT = (
+    " ON CONFLICT (subscriber_id, digest_date) DO UPDATE SET"
+    " state = 'sending', attempts = attempts + 1, message_id = excluded.message_id,"
+    " paper_ids = excluded.paper_ids, run_id = excluded.run_id,"
+    " updated_at = excluded.updated_at"
+    " WHERE deliveries.state NOT IN ('accepted', 'failed', 'suppressed')"
+    " RETURNING subscriber_id"
+)
+_CLAIM_SQL = (
+    _CLAIM_COLUMNS
+    + " SELECT json_extract(j.value, '$[0]'), ?1, json_extract(j.value, '$[1]'), 'sending', 1,"
+    " json_extract(j.value, '$[2]'), ?2, ?3, ?3 FROM json_each(?4) AS j WHERE true" + _CLAIM_UPSERT
+)
+# The same for one digest, its values bound directly (see _EXACT).
+_CLAIM_ONE_SQL = _CLAIM_COLUMNS + " VALUES (?, ?, ?, 'sending', 1, ?, ?, ?, ?)" + _CLAIM_UPSERT
+
+# SQLite's JSON functions cut a string at an escaped NUL ("\u0000"): a group whose JSON
+# holds one (or the literal text "\u0000", which only looks like one) is written with
+# its values bound one row at a time instead. Upstream cleaning keeps control characters
+# out of ids and replies, so this is never the fast path's cost, only its guarantee.
+_EXACT = "\\u0000"
+
+
+# record_many: each JSON item is [subscriber id, digest date, state, reply, next attempt
+# or null, [paper ids if accepted], 1 if it is the group's last reply for that digest].
+# The UPDATE applies the last replies; the INSERT records the accepted ones' papers.
+_RECORD_SQL = (
+    "UPDATE deliveries SET state = json_extract(j.value, '$[2]'),"
+    " reply = json_extract(j.value, '$[3]'), updated_at = ?1,"
+    " next_attempt_at = json_extract(j.value, '$[4]')"
+    " FROM (SELECT value FROM json_each(?2) WHERE json_extract(value, '$[6]') = 1) AS j"
+    " WHERE deliveries.subscriber_id = json_extract(j.value, '$[0]')"
+    " AND deliveries.digest_date = json_extract(j.value, '$[1]')"
+)
+_PAPERS_SENT_SQL = (
+    "INSERT OR IGNORE INTO papers_sent (subscriber_id, paper_id, digest_date)"
+    " SELECT json_extract(m.value, '$[0]'), p.value, json_extract(m.value, '$[1]')"
+    " FROM json_each(?1) AS m, json_each(m.value, '$[5]') AS p"
+)
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -222,6 +275,11 @@ class Store:
     @asynccontextmanager
     async def open(cls, path: Path, *, migrate: bool = True) -> AsyncIterator[Store]:
         path = Path(path)
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StoreError(
+                f"SQLite {sqlite3.sqlite_version} is too old: digestd needs"
+                f" {'.'.join(map(str, MIN_SQLITE))} or later (RETURNING, UPDATE … FROM, JSON)"
+            )
         try:
             _create_private_file(path)
             db = await aiosqlite.connect(path, isolation_level=None)
@@ -309,6 +367,10 @@ class Store:
         async with self._tx_lock:
             # aiosqlite's own methods go through ``_execute`` (queue the call, await its result).
             return cast(_T, await cast(Any, self._db)._execute(run))
+
+    async def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run the read-only ``work`` in SQLite's thread as one call (one hop, no BEGIN)."""
+        return cast(_T, await cast(Any, self._db)._execute(work, cast(Any, self._db)._conn))
 
     # ------------------------------------------------------------------ meta / secrets
     async def secret(self, name: str, nbytes: int = 32) -> bytes:
@@ -640,28 +702,40 @@ class Store:
         return {str(status): int(n) for status, n in await cur.fetchall()}
 
     async def _load(self, where: str, params: tuple[Any, ...]) -> list[Subscriber]:
-        sql = (
+        """Subscribers matching ``where`` (which may end in ORDER BY s.id … LIMIT), in id
+        order, with their preferences. One hop to SQLite's thread; each query returns its
+        rows as one JSON array (see :func:`_json_rows`)."""
+        inner = (
             "SELECT s.id, s.email, s.name, s.status, s.token, s.created_at, p.max_papers,"
             " p.min_upvotes, p.timezone, p.send_at, p.cadence FROM subscribers s"
             " JOIN preferences p ON p.subscriber_id = s.id " + where
         )
-        if "ORDER BY" not in where:
-            sql += " ORDER BY s.id"
-        cur = await self._db.execute(sql, params)
-        rows = list(await cur.fetchall())
+        sql = (
+            "SELECT json_group_array(json_array(id, email, name, status, token, created_at,"
+            f" max_papers, min_upvotes, timezone, send_at, cadence)) FROM ({inner})"
+        )
+
+        def work(conn: sqlite3.Connection) -> tuple[list[list[Any]], list[list[Any]]]:
+            rows = _json_rows(conn, sql, params)
+            rows.sort(key=_FIRST)  # already in order, as a rule: then this is one pass
+            found: list[list[Any]] = []
+            for chunk in _chunks([row[0] for row in rows], 500):
+                marks = ",".join("?" for _ in chunk)
+                found += _json_rows(
+                    conn,
+                    "SELECT json_group_array(json_array(subscriber_id, kind, value, position))"
+                    f" FROM interests WHERE subscriber_id IN ({marks})",
+                    chunk,
+                )
+            found.sort(key=_INTEREST_ORDER)
+            return rows, found
+
+        rows, found = await self._read(work)
         if not rows:
             return []
-        ids = [row[0] for row in rows]
-        interests: dict[int, dict[str, list[str]]] = {i: {} for i in ids}
-        for chunk in _chunks(ids, 500):
-            marks = ",".join("?" for _ in chunk)
-            icur = await self._db.execute(
-                "SELECT subscriber_id, kind, value FROM interests WHERE subscriber_id IN"
-                f" ({marks}) ORDER BY subscriber_id, kind, position",
-                tuple(chunk),
-            )
-            for sub_id, kind, value in await icur.fetchall():
-                interests[sub_id].setdefault(kind, []).append(value)
+        interests: dict[int, dict[str, list[str]]] = {row[0]: {} for row in rows}
+        for sub_id, kind, value, _ in found:
+            interests[sub_id].setdefault(kind, []).append(value)
         out: list[Subscriber] = []
         for row in rows:
             got = interests[row[0]]
@@ -878,36 +952,46 @@ class Store:
         self, digest_date: dt.date, subscriber_ids: Sequence[int]
     ) -> dict[int, tuple[str, int]]:
         """subscriber id → (state, attempts) for those who have a ledger row on that date."""
-        out: dict[int, tuple[str, int]] = {}
-        for chunk in _chunks(list(subscriber_ids), 500):
-            marks = ",".join("?" for _ in chunk)
-            cur = await self._db.execute(
-                "SELECT subscriber_id, state, attempts FROM deliveries WHERE digest_date = ?"
-                f" AND subscriber_id IN ({marks})",
-                (digest_date.isoformat(), *chunk),
-            )
-            for sub_id, state, attempts in await cur.fetchall():
-                out[sub_id] = (state, attempts)
-        return out
+        day = digest_date.isoformat()
+
+        def work(conn: sqlite3.Connection) -> dict[int, tuple[str, int]]:
+            out: dict[int, tuple[str, int]] = {}
+            for chunk in _chunks(list(subscriber_ids), 500):
+                marks = ",".join("?" for _ in chunk)
+                for sub_id, state, attempts in _json_rows(
+                    conn,
+                    "SELECT json_group_array(json_array(subscriber_id, state, attempts))"
+                    f" FROM deliveries WHERE digest_date = ? AND subscriber_id IN ({marks})",
+                    (day, *chunk),
+                ):
+                    out[sub_id] = (state, attempts)
+            return out
+
+        return await self._read(work)
 
     async def sent_papers(
         self, subscriber_ids: Sequence[int], paper_ids: Sequence[str]
     ) -> dict[int, set[str]]:
         """Which of ``paper_ids`` each subscriber has already been sent."""
-        out: dict[int, set[str]] = {}
         if not subscriber_ids or not paper_ids:
-            return out
+            return {}
         pmarks = ",".join("?" for _ in paper_ids)
-        for chunk in _chunks(list(subscriber_ids), 400):
-            marks = ",".join("?" for _ in chunk)
-            cur = await self._db.execute(
-                "SELECT subscriber_id, paper_id FROM papers_sent WHERE subscriber_id IN"
-                f" ({marks}) AND paper_id IN ({pmarks})",
-                (*chunk, *paper_ids),
-            )
-            for sub_id, pid in await cur.fetchall():
-                out.setdefault(sub_id, set()).add(pid)
-        return out
+
+        def work(conn: sqlite3.Connection) -> dict[int, set[str]]:
+            out: dict[int, set[str]] = {}
+            for chunk in _chunks(list(subscriber_ids), 400):
+                marks = ",".join("?" for _ in chunk)
+                for sub_id, pid in _json_rows(
+                    conn,
+                    "SELECT json_group_array(json_array(subscriber_id, paper_id))"
+                    f" FROM papers_sent WHERE subscriber_id IN ({marks})"
+                    f" AND paper_id IN ({pmarks})",
+                    (*chunk, *paper_ids),
+                ):
+                    out.setdefault(sub_id, set()).add(pid)
+            return out
+
+        return await self._read(work)
 
     async def claim(
         self,
@@ -933,40 +1017,33 @@ class Store:
         digest_date: dt.date,
         run_id: int | None,
     ) -> set[int]:
-        """Claim several digests in one transaction; returns the subscriber ids claimed."""
+        """Claim several digests in one transaction; returns the subscriber ids claimed.
+
+        One statement for the whole group: an UPSERT over the items (passed as one JSON
+        document) that moves every row not already final to 'sending' and RETURNs the ones
+        it inserted or moved. The final-state check is the UPSERT's own WHERE, evaluated
+        under BEGIN IMMEDIATE's write lock, so no separate read is needed.
+        """
+        if not items:
+            return set()
         stamp = _iso(utcnow())
+        doc = json.dumps(
+            [(sub_id, message_id, paper_ids) for sub_id, message_id, paper_ids in items],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
         day = digest_date.isoformat()
 
         def work(conn: sqlite3.Connection) -> set[int]:
-            # BEGIN IMMEDIATE holds the write lock: no state changes between this read and
-            # the upsert, so the rows found final here are exactly the ones it would skip.
-            final: set[int] = set()
-            for chunk in _chunks([item[0] for item in items], 500):
-                marks = ",".join("?" for _ in chunk)
-                cur = conn.execute(
-                    "SELECT subscriber_id FROM deliveries WHERE digest_date = ? AND state IN"
-                    f" ('accepted', 'failed', 'suppressed') AND subscriber_id IN ({marks})",
-                    (day, *chunk),
-                )
-                final.update(int(row[0]) for row in cur.fetchall())
-            rows = [
-                (sub_id, day, message_id, json.dumps(list(paper_ids)), run_id, stamp, stamp)
-                for sub_id, message_id, paper_ids in items
-                if sub_id not in final
-            ]
-            if rows:
-                conn.executemany(
-                    "INSERT INTO deliveries (subscriber_id, digest_date, message_id, state,"
-                    " attempts, paper_ids, run_id, created_at, updated_at)"
-                    " VALUES (?, ?, ?, 'sending', 1, ?, ?, ?, ?)"
-                    " ON CONFLICT (subscriber_id, digest_date) DO UPDATE SET"
-                    " state = 'sending', attempts = attempts + 1, message_id = excluded.message_id,"
-                    " paper_ids = excluded.paper_ids, run_id = excluded.run_id,"
-                    " updated_at = excluded.updated_at"
-                    " WHERE deliveries.state NOT IN ('accepted', 'failed', 'suppressed')",
-                    rows,
-                )
-            return {row[0] for row in rows}
+            if _EXACT not in doc:
+                rows = conn.execute(_CLAIM_SQL, (day, run_id, stamp, doc)).fetchall()
+                return {int(row[0]) for row in rows}
+            claimed: set[int] = set()
+            for sub_id, message_id, paper_ids in items:
+                papers = json.dumps(list(paper_ids), ensure_ascii=False, separators=(",", ":"))
+                values = (sub_id, day, message_id, papers, run_id, stamp, stamp)
+                claimed.update(int(row[0]) for row in conn.execute(_CLAIM_ONE_SQL, values))
+            return claimed
 
         return await self._in_one_transaction(work)
 
@@ -976,39 +1053,53 @@ class Store:
         await self.record_many([(delivery, next_attempt_at)])
 
     async def record_many(self, results: Sequence[tuple[Delivery, dt.datetime | None]]) -> None:
-        """Commit the server's replies; accepted digests add their papers to papers_sent."""
+        """Commit the server's replies; accepted digests add their papers to papers_sent.
+
+        The whole group is one JSON document and two set-based statements in one
+        transaction (an UPDATE … FROM json_each and an INSERT … SELECT over the accepted
+        digests' paper ids), so SQLite runs each in one step: ``executemany`` would step once
+        per row, releasing and re-taking the GIL each time, and when the event loop is busy
+        those hand-overs cost more than the rows themselves (bench/ledger.py --busy-loop).
+        When one group holds several replies for the same digest, the last one is its state
+        (as statement-per-row did), and every accepted one records its papers.
+        """
+        if not results:
+            return
+        last = {(d.subscriber_id, d.date): index for index, (d, _) in enumerate(results)}
+        rows = []
+        for index, (delivery, next_at) in enumerate(results):
+            is_last = last[(delivery.subscriber_id, delivery.date)] == index
+            accepted = delivery.state == "accepted"
+            if is_last or accepted:  # else superseded in this group, with no papers
+                rows.append(
+                    (
+                        delivery.subscriber_id,
+                        delivery.date.isoformat(),
+                        delivery.state,
+                        delivery.reply[:500],
+                        _iso(next_at) if next_at else None,
+                        delivery.paper_ids if accepted else (),
+                        int(is_last),
+                    )
+                )
         stamp = _iso(utcnow())
-        updates = [
-            (
-                delivery.state,
-                delivery.reply[:500],
-                stamp,
-                _iso(next_at) if next_at else None,
-                delivery.subscriber_id,
-                delivery.date.isoformat(),
-            )
-            for delivery, next_at in results
-        ]
-        sent = [
-            (delivery.subscriber_id, pid, delivery.date.isoformat())
-            for delivery, _ in results
-            if delivery.state == "accepted"
-            for pid in delivery.paper_ids
-        ]
+        doc = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
 
         def work(conn: sqlite3.Connection) -> None:
-            # Two statements for the whole group, in one round trip to SQLite's thread.
+            if _EXACT not in doc:
+                conn.execute(_RECORD_SQL, (stamp, doc))
+                conn.execute(_PAPERS_SENT_SQL, (doc,))
+                return
             conn.executemany(
                 "UPDATE deliveries SET state = ?, reply = ?, updated_at = ?,"
                 " next_attempt_at = ? WHERE subscriber_id = ? AND digest_date = ?",
-                updates,
+                [(r[2], r[3], stamp, r[4], r[0], r[1]) for r in rows if r[6]],
             )
-            if sent:
-                conn.executemany(
-                    "INSERT OR IGNORE INTO papers_sent (subscriber_id, paper_id, digest_date)"
-                    " VALUES (?, ?, ?)",
-                    sent,
-                )
+            conn.executemany(
+                "INSERT OR IGNORE INTO papers_sent (subscriber_id, paper_id, digest_date)"
+                " VALUES (?, ?, ?)",
+                [(r[0], pid, r[1]) for r in rows for pid in r[5]],
+            )
 
         await self._in_one_transaction(work)
 
@@ -1054,6 +1145,22 @@ class Store:
             (email,),
         )
         return [LedgerEntry(*row) for row in await cur.fetchall()]
+
+
+_FIRST = operator.itemgetter(0)
+_INTEREST_ORDER = operator.itemgetter(0, 1, 3)  # subscriber, kind, position
+
+
+def _json_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[list[Any]]:
+    """The rows of ``sql``, a SELECT of one ``json_group_array(json_array(…))``, as lists.
+
+    The batch reads return their rows this way, as one value built in SQLite, because
+    fetching row by row steps the statement once per row and releases the GIL each time:
+    with the event loop busy, taking it back costs a thread switch per row (measured in
+    bench/ledger.py --busy-loop). Rows come in no guaranteed order.
+    """
+    row = conn.execute(sql, params).fetchone()
+    return cast(list[list[Any]], json.loads(row[0]))
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
