@@ -364,7 +364,7 @@ def _entry_variants(rank: int, pick: Pick) -> _Variants:
     return variants
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=32768)
 def _clean_reasons(pick_reasons: tuple[str, ...]) -> tuple[str, ...]:
     """A pick's reasons as shown: cleaned, the empty ones dropped (cached: they recur)."""
     return tuple(r for r in (clean_text(r, MAX_REASON) for r in pick_reasons) if r)
@@ -675,6 +675,7 @@ def _compile_runs(pieces: Sequence[_Piece], keep: bool, whole_lines: bool) -> _R
 
 _FOR_ENTRIES = re.compile(r"\{%-?\s*for\s+e\s+in\s+entries\s*-?%\}")
 _LOOP_TAG = re.compile(r"\{%-?\s*(for|endfor)\b.*?-?%\}", re.DOTALL)
+FILLED_RUNS_MAX = 16384  # a block's lines holding reasons, filled (~1 KB each with encoding)
 ENTRY_BLOCKS_MAX = 8192  # cached entry blocks per template (~2 KB each), then start over
 
 
@@ -801,7 +802,7 @@ class _EntryBlocks:
                     encoded = segment(text, False)
                     if encoded is None:
                         return False
-                    if len(filled) >= ENTRY_BLOCKS_MAX:
+                    if len(filled) >= FILLED_RUNS_MAX:
                         filled.clear()
                     done = filled[run, reasons] = (text, encoded)
                 segments.append(done[1])
