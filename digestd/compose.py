@@ -274,6 +274,32 @@ class WireReady(bytes):
     payload: bytes | None = None
     size: int = 0
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Across processes (render workers → sender) only the payload travels when it
+        # differs: the message is the payload unstuffed, half the bytes to move.
+        if self.payload is not None and self.size == len(self) and self.endswith(b"\r\n"):
+            return (_wire_from_payload, (self.payload, self.size))
+        return (_wire_ready, (bytes(self), self.payload, self.size))
+
+
+def _wire_ready(message: bytes, payload: bytes | None, size: int) -> WireReady:
+    ready = WireReady(message)
+    ready.payload, ready.size = payload, size
+    return ready
+
+
+def _wire_from_payload(payload: bytes, size: int) -> WireReady:
+    """The message whose DATA payload is ``payload``: the final ".\r\n" dropped and the
+    dot-stuffing undone (every line start's ".." was a "." before)."""
+    body = payload[:-3]
+    if body.startswith(b".."):
+        body = body[1:]
+    ready = WireReady(body.replace(b"\r\n..", b"\r\n."))
+    if len(ready) != size or not payload.endswith(b".\r\n"):
+        raise ValueError("DATA payload does not match its message size")
+    ready.payload, ready.size = payload, size
+    return ready
+
 
 class EncodedText(str):
     """Text that carries its own cached encoding (:func:`_segment`): a paper's block is

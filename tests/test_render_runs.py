@@ -142,3 +142,25 @@ def test_fast_wrap_leaves_other_text_to_textwrap() -> None:
             break_long_words=False, break_on_hyphens=False,
         )  # fmt: skip
         assert _fill_text(text, 10, "  ", "") == want
+
+
+def test_messages_survive_the_trip_to_the_sender() -> None:
+    """A message pickled in a render worker comes back in the sender equal, with the same
+    DATA payload and size, whether only its payload travels or both; a payload that does
+    not match its size is refused."""
+    import pickle
+
+    import pytest
+    from test_wire import HOSTILE, fuzz_inputs
+
+    from digestd.compose import _wire_from_payload
+    from digestd.deliver import wire_checked
+
+    rendered = [Renderer().render(d, context()).message for d in variety()]
+    for message in [*rendered, *(wire_checked(m) for m in [*HOSTILE, *fuzz_inputs(500)])]:
+        back = pickle.loads(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        assert back == message and type(back) is type(message)
+        assert getattr(back, "payload", None) == getattr(message, "payload", None)
+        assert getattr(back, "size", 0) == getattr(message, "size", 0)
+    with pytest.raises(ValueError, match="size"):
+        _wire_from_payload(b"a\r\n..b\r\n.\r\n", 99)
