@@ -11,8 +11,8 @@ Nothing here does I/O. Every stage takes these values and returns new ones.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 Cadence = Literal["daily", "weekdays", "weekly"]
 CADENCES: tuple[Cadence, ...] = ("daily", "weekdays", "weekly")
@@ -70,6 +70,11 @@ class Preferences:
     def has_interests(self) -> bool:
         return bool(self.keywords or self.categories or self.authors or self.seed_papers)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Positional fields: pickles faster than the dataclass state (these cross to
+        # the render workers and back once per subscriber).
+        return (type(self), tuple(getattr(self, name) for name in _FIELDS[type(self)]))
+
 
 @dataclass(frozen=True, slots=True)
 class Subscriber:
@@ -80,6 +85,11 @@ class Subscriber:
     status: SubscriberStatus = "active"
     token: str = ""  # unguessable per-subscriber token for unsubscribe/preference links
     created_at: dt.datetime | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Positional fields: pickles faster than the dataclass state (these cross to
+        # the render workers and back once per subscriber).
+        return (type(self), tuple(getattr(self, name) for name in _FIELDS[type(self)]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +122,11 @@ class RenderedDigest:
     message: bytes
     paper_ids: tuple[str, ...]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Positional fields: pickles faster than the dataclass state (these cross to
+        # the render workers and back once per subscriber).
+        return (type(self), tuple(getattr(self, name) for name in _FIELDS[type(self)]))
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -125,3 +140,8 @@ class Delivery:
     reply: str = ""
     paper_ids: tuple[str, ...] = ()
     attempts: int = 1
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in (Preferences, Subscriber, RenderedDigest)
+}
