@@ -622,6 +622,17 @@ _Runs = tuple[_Run, ...]
 _BlockTemplate = tuple[tuple[_Piece, ...], tuple[_Deferred, ...], _Runs | None]
 
 
+class _BlockRuns:
+    """A block template's line runs and deferred wraps (hashed by identity: a cache key)."""
+
+    __slots__ = ("runs", "wraps")
+
+    def __init__(self, made: _BlockTemplate) -> None:
+        assert made[2] is not None
+        self.runs = made[2]
+        self.wraps = made[1]
+
+
 def _compile_runs(pieces: Sequence[_Piece], keep: bool, whole_lines: bool) -> _Runs | None:
     """``pieces`` grouped into runs of lines: the fixed ones encoded now, those with slots
     left to fill. None if that cannot be done: the blocks slot not at a line start, a run
@@ -675,7 +686,7 @@ def _compile_runs(pieces: Sequence[_Piece], keep: bool, whole_lines: bool) -> _R
 
 _FOR_ENTRIES = re.compile(r"\{%-?\s*for\s+e\s+in\s+entries\s*-?%\}")
 _LOOP_TAG = re.compile(r"\{%-?\s*(for|endfor)\b.*?-?%\}", re.DOTALL)
-FILLED_RUNS_MAX = 16384  # a block's lines holding reasons, filled (~1 KB each with encoding)
+FILLED_RUNS_MAX = 8192  # blocks filled with a reader's reasons, encoded (~3-6 KB each)
 ENTRY_BLOCKS_MAX = 8192  # cached entry blocks per template (~2 KB each), then start over
 
 
@@ -714,9 +725,9 @@ class _EntryBlocks:
         # Jinja renders it
         self.templates: dict[Entry, _BlockTemplate | None] = {}
         # (plain entry, reason count) -> its template's runs and wraps (None: no runs)
-        self.by_entry: dict[object, tuple[_Runs, tuple[_Deferred, ...]] | None] = {}
-        # (run, reasons) -> the run filled with those reasons, and its encoding
-        self.filled: dict[tuple[_Run, tuple[str, ...]], tuple[str, Segment]] = {}
+        self.by_entry: dict[object, _BlockRuns | None] = {}
+        # (block runs, reasons) -> the block filled with those reasons, and its encoding
+        self.filled: dict[tuple[_BlockRuns, tuple[str, ...]], tuple[str, Segment]] = {}
         self.deferrals = deferrals
         self.checks = self.CHECKS
         self.skeleton: jinja2.Template | None = None
@@ -772,8 +783,11 @@ class _EntryBlocks:
         segments: list[Segment],
         texts: list[str] | None,
     ) -> bool:
-        """Add the entries' encoded line runs to ``segments`` (and their text to ``texts``);
-        False if an entry has no runs (the caller then uses :meth:`each`)."""
+        """Add the entries' encoded blocks to ``segments`` (and their text to ``texts``);
+        False if an entry has no runs (the caller then uses :meth:`each`).
+
+        An entry's block is one segment: its template's line runs, the reason lines
+        filled in, encoded and joined once per template and set of reasons (cached)."""
         by_entry = self.by_entry
         filled = self.filled
         for entry in entries:
@@ -783,32 +797,52 @@ class _EntryBlocks:
                 found = by_entry[key]
             else:
                 made = self._made(entry)
-                found = None if made is None or made[2] is None else (made[2], made[1])
+                found = None if made is None or made[2] is None else _BlockRuns(made)
                 if len(by_entry) >= ENTRY_BLOCKS_MAX:
                     by_entry.clear()
                 by_entry[key] = found
             if found is None:
                 return False
-            runs, wraps = found
-            for run in runs:
-                if type(run) is _StaticRun:
-                    segments.append(run.segment)
-                    if texts is not None:
-                        texts.append(run.text)
-                    continue
-                done = filled.get((run, reasons))
+            done = filled.get((found, reasons))
+            if done is None or (texts is not None and not done[0]):
+                done = self._join_runs(found, reasons)
                 if done is None:
-                    text = self._fill(cast("_DynamicRun", run).pieces, wraps, reasons)
-                    encoded = segment(text, False)
-                    if encoded is None:
-                        return False
-                    if len(filled) >= FILLED_RUNS_MAX:
-                        filled.clear()
-                    done = filled[run, reasons] = (text, encoded)
-                segments.append(done[1])
-                if texts is not None:
-                    texts.append(done[0])
+                    return False
+                if len(filled) >= FILLED_RUNS_MAX:
+                    filled.clear()
+                # The text is kept only when asked for (dry runs, Maildir copies).
+                filled[found, reasons] = done if texts is not None else ("", done[1])
+            segments.append(done[1])
+            if texts is not None:
+                texts.append(done[0])
         return True
+
+    def _join_runs(self, block: _BlockRuns, reasons: tuple[str, ...]) -> tuple[str, Segment] | None:
+        """The block's text with ``reasons`` and its encoding as one segment (every run
+        starts a line, so the runs' encodings and stuffed forms simply join)."""
+        texts: list[str] = []
+        parts: list[Segment] = []
+        for run in block.runs:
+            if type(run) is _StaticRun:
+                texts.append(run.text)
+                parts.append(run.segment)
+                continue
+            text = self._fill(cast("_DynamicRun", run).pieces, block.wraps, reasons)
+            encoded = segment(text, False)
+            if encoded is None:
+                return None
+            texts.append(text)
+            parts.append(encoded)
+        stuffed = None
+        if any(part[3] is not None for part in parts):
+            stuffed = b"".join(part[0] if part[3] is None else part[3] for part in parts)
+        merged = (
+            b"".join(part[0] for part in parts),
+            sum(part[1] for part in parts),
+            sum(part[2] for part in parts),
+            stuffed,
+        )
+        return "".join(texts), merged
 
     def _made(self, entry: Entry) -> _BlockTemplate | None:
         d = self.deferrals
