@@ -52,3 +52,47 @@ def test_bench_delivery_runs_end_to_end(tmp_path: Path) -> None:
         assert stage in out
     assert "peak RSS: digestd" in out and "peak RSS 300 vs 150" in out
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_bench_render_runs_and_matches_the_whole_templates() -> None:
+    """bench/render.py on a few hundred subscribers prints both figures and finds the fast
+    path's messages byte-identical to the whole templates' (it exits non-zero if not)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "render.py"),
+            "--subscribers",
+            "300",
+            "--warm",
+            "100",
+            "--reference-sample",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "µs per subscriber" in result.stdout
+    assert "byte-identical" in result.stdout and "ratio:" in result.stdout
+    assert "peak RSS:" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_transport_runs_next_to_smtp_source() -> None:
+    """bench/transport.py sends every message through smtp-sink, all accepted, and prints
+    its rate next to smtp-source's."""
+    require_tool("smtp-sink", "/usr/sbin/smtp-sink")
+    require_tool("smtp-source", "/usr/sbin/smtp-source")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "transport.py"), "--n", "300", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "{'accepted': 300}" in result.stdout
+    assert "smtp-source" in result.stdout and "ratio" in result.stdout
