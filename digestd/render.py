@@ -607,19 +607,32 @@ class _StaticRun:
 
 class _DynamicRun:
     """A run of lines holding slots: filled and encoded per message (``keep``: its
-    encoding is cached by text, for runs that recur, such as a pick's reasons)."""
+    encoding is cached by text, for runs that recur, such as a pick's reasons).
 
-    __slots__ = ("keep", "pieces")
+    ``shared`` numbers the run's content (its pieces, deferred wraps resolved): equal runs
+    of different blocks (a reasons line is the same for every paper) share one number, so
+    their filled forms are cached once per set of reasons."""
+
+    __slots__ = ("keep", "pieces", "shared")
 
     def __init__(self, pieces: tuple[_Piece, ...], keep: bool) -> None:
         self.pieces = pieces
         self.keep = keep
+        self.shared = -1
 
 
 _Run = _StaticRun | _DynamicRun | None  # None: the entry blocks go here
 _Runs = tuple[_Run, ...]
 # A loop body rendered with reason sentinels: its pieces, deferred wraps and line runs.
 _BlockTemplate = tuple[tuple[_Piece, ...], tuple[_Deferred, ...], _Runs | None]
+
+
+def _resolved(piece: _Piece, wraps: Sequence[_Deferred]) -> object:
+    """A piece with its deferred wrap written out (W numbers differ between blocks)."""
+    if isinstance(piece, str):
+        return piece
+    kind, index = piece
+    return (kind, wraps[index]) if kind == "W" else piece
 
 
 class _BlockRuns:
@@ -728,6 +741,9 @@ class _EntryBlocks:
         self.by_entry: dict[object, _BlockRuns | None] = {}
         # (block runs, reasons) -> the block filled with those reasons, and its encoding
         self.filled: dict[tuple[_BlockRuns, tuple[str, ...]], tuple[str, Segment]] = {}
+        # a dynamic run's content -> its number; (number, reasons) -> the run filled
+        self.shared_runs: dict[tuple[object, ...], int] = {}
+        self.run_cache: dict[tuple[int, tuple[str, ...]], tuple[str, Segment]] = {}
         self.deferrals = deferrals
         self.checks = self.CHECKS
         self.skeleton: jinja2.Template | None = None
@@ -827,12 +843,21 @@ class _EntryBlocks:
                 texts.append(run.text)
                 parts.append(run.segment)
                 continue
-            text = self._fill(cast("_DynamicRun", run).pieces, block.wraps, reasons)
-            encoded = segment(text, False)
-            if encoded is None:
-                return None
-            texts.append(text)
-            parts.append(encoded)
+            dynamic = cast("_DynamicRun", run)
+            key = (dynamic.shared, reasons)
+            hit = self.run_cache.get(key)
+            if hit is None:
+                text = self._fill(dynamic.pieces, block.wraps, reasons)
+                encoded = segment(text, False)
+                if encoded is None:
+                    return None
+                hit = (text, encoded)
+                if dynamic.shared >= 0:
+                    if len(self.run_cache) >= FILLED_RUNS_MAX:
+                        self.run_cache.clear()
+                    self.run_cache[key] = hit
+            texts.append(hit[0])
+            parts.append(hit[1])
         stuffed = None
         if any(part[3] is not None for part in parts):
             stuffed = b"".join(part[0] if part[3] is None else part[3] for part in parts)
@@ -886,6 +911,10 @@ class _EntryBlocks:
                 if any(m.group(1) not in "RHT" for m in d.slot.finditer(text)):
                     raise ValueError("a wrap around another wrap")
             runs = _compile_runs(pieces, keep=True, whole_lines=True)
+            for run in runs or ():
+                if isinstance(run, _DynamicRun):
+                    content = tuple(_resolved(piece, wraps) for piece in run.pieces)
+                    run.shared = self.shared_runs.setdefault(content, len(self.shared_runs))
             made = (tuple(pieces), tuple(wraps), runs)
             # Hostile probe reasons (markup, emphasis, entities, non-ASCII, a long word)
             # stand for every reader's: the pieces put any of them where Jinja would.
