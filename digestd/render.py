@@ -692,9 +692,29 @@ def _compile_runs(pieces: Sequence[_Piece], keep: bool, whole_lines: bool) -> _R
         if current and whole_lines:
             return None
         close()
+        return _merged(runs, keep)
     except ValueError:
         return None
-    return tuple(runs)
+
+
+def _merged(runs: list[_Run], keep: bool) -> _Runs:
+    """Neighbouring fixed runs joined into one (encoded again), and neighbouring runs
+    with slots joined into one: fewer, larger pieces to put together per message. Every
+    run but the last ends a line, so joined runs are runs too."""
+    out: list[_Run] = []
+    for run in runs:
+        last = out[-1] if out else None
+        if type(run) is _StaticRun and type(last) is _StaticRun:
+            text = last.text + run.text
+            encoded = segment(text, False)
+            if encoded is None:
+                raise ValueError("a run that cannot be encoded")
+            out[-1] = _StaticRun(text, encoded)
+        elif type(run) is _DynamicRun and type(last) is _DynamicRun:
+            out[-1] = _DynamicRun(last.pieces + run.pieces, keep)
+        else:
+            out.append(run)
+    return tuple(out)
 
 
 _FOR_ENTRIES = re.compile(r"\{%-?\s*for\s+e\s+in\s+entries\s*-?%\}")
