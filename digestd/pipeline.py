@@ -45,6 +45,8 @@ RENDER_CHUNK = 50  # subscribers per task handed to a worker
 WORKER_GC_THRESHOLD = 50_000  # allocations between young collections in a render worker
 RUN_GC_THRESHOLD = 20_000  # … in the process running run_once, while it runs
 MAX_CHUNKS_SENDING = 2  # chunks of finished messages in the sender at once (memory bound)
+# How long replies gather before a ledger commit (unless every connection's is waiting).
+GROUP_COMMIT_WINDOW = 0.002
 # This many 5.7.x (policy) rejections in a row pause the run: nothing more is sent.
 POLICY_PAUSE_AFTER = 5
 # Keep a deferred digest's retries well inside the day so they never meet the next digest.
@@ -703,22 +705,39 @@ def _json_logs() -> bool:
     return isinstance(processors[-1], structlog.processors.JSONRenderer)
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class _GroupCommit:
     """Commits the server's replies to the ledger in groups (one transaction each).
 
-    ``record`` returns once *its* reply is on disk. A reply that arrives while a commit runs
-    joins the next one: no timer, no added latency when idle, and a group never holds more
-    than the replies of the transactions that finished meanwhile. Since every sender keeps
-    its connection slot until ``record`` returns, at most ``delivery.concurrency`` messages
-    are ever with the server without their outcome committed: grouping does not raise the
-    number of duplicates a crash can cause.
+    ``record`` returns once *its* reply is on disk. A group is gathered for at most
+    ``window`` seconds, or until ``full`` replies wait (every connection's), and replies
+    that arrive while a commit runs join the next one. Each commit is a hop to SQLite's
+    thread (tens of µs of handing over); waiting a millisecond or two makes the groups
+    several times larger while the connections wait for nothing else. Since every sender
+    keeps its connection slot until ``record`` returns, at most ``delivery.concurrency``
+    messages are ever with the server without their outcome committed: grouping does not
+    raise the number of duplicates a crash can cause.
     """
 
-    def __init__(self, store: Store, stages: dict[str, float]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        stages: dict[str, float],
+        *,
+        full: int = 1,
+        window: float = GROUP_COMMIT_WINDOW,
+    ) -> None:
         self.store = store
         self.stages = stages
+        self.full = max(1, full)
+        self.window = window
         self.pending: list[tuple[Delivery, asyncio.Future[None]]] = []
         self.leader: asyncio.Task[None] | None = None
+        self.wake: asyncio.Future[None] | None = None
         self.groups = 0
 
     async def record(self, delivery: Delivery) -> None:
@@ -726,11 +745,28 @@ class _GroupCommit:
         self.pending.append((delivery, done))
         if self.leader is None:
             self.leader = asyncio.create_task(self._commit_all())
+        elif self.wake is not None and len(self.pending) >= self.full and not self.wake.done():
+            self.wake.set_result(None)
         await done
+
+    async def _gather(self) -> None:
+        """Wait until ``full`` replies are pending or ``window`` has passed."""
+        if self.window <= 0 or len(self.pending) >= self.full:
+            return
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[None] = loop.create_future()
+        self.wake = wake
+        timer = loop.call_later(self.window, _settle, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self.wake = None
 
     async def _commit_all(self) -> None:
         try:
             while self.pending:
+                await self._gather()
                 group, self.pending = self.pending, []
                 tick = time.perf_counter()
                 try:
@@ -788,7 +824,7 @@ class _Sender:
         self.paused_reason = ""
         self.fatal: BaseException | None = None  # a transport error that hits every message
         self.stages = summary.stages
-        self.ledger = _GroupCommit(store, summary.stages)
+        self.ledger = _GroupCommit(store, summary.stages, full=settings.delivery.concurrency)
         # Shared by every batch in flight: never more than ``concurrency`` messages handed to
         # the server without their reply committed (the crash bound).
         self.limit = asyncio.Semaphore(settings.delivery.concurrency)

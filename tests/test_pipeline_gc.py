@@ -1,5 +1,7 @@
-"""Garbage-collection thresholds while a run is in progress (pipeline._GcWhileRunning):
-raised for the run, put back exactly when the last overlapping run ends."""
+"""Two throughput details of the pipeline (issue 6): garbage-collection thresholds while a
+run is in progress (``_GcWhileRunning``: raised for the run, put back exactly when the last
+overlapping run ends), and the ledger's group commit (``_GroupCommit``: replies gathered
+within a short window, never longer than until every connection's reply waits)."""
 
 from __future__ import annotations
 
@@ -53,3 +55,48 @@ def test_a_higher_threshold_already_set_is_kept(thresholds: tuple[int, int, int]
     assert gc.get_threshold()[0] == 100_000
     pipeline._GcWhileRunning.leave()
     assert gc.get_threshold() == (100_000, 10, 10)
+
+
+class _CountingStore:
+    """A unit seam standing in for Store.record_many: counts the groups committed."""
+
+    def __init__(self) -> None:
+        self.groups: list[int] = []
+
+    async def record_many(self, results: list[object]) -> None:
+        self.groups.append(len(results))
+
+
+def _delivery(n: int) -> pipeline.Delivery:
+    import datetime as dt
+
+    return pipeline.Delivery(n, f"r{n}@example.org", dt.date(2026, 1, 1), f"<{n}@x>", "accepted")
+
+
+async def test_group_commit_gathers_replies_within_its_window() -> None:
+    """Replies recorded a little apart within the window go out in one commit, and each
+    record() returns only after that commit."""
+    import asyncio
+
+    store = _CountingStore()
+    ledger = pipeline._GroupCommit(store, {"ledger": 0.0}, full=10, window=0.5)  # type: ignore[arg-type]
+
+    async def later(n: int) -> None:
+        await asyncio.sleep(0.01 * n)
+        await ledger.record(_delivery(n))
+
+    await asyncio.gather(*(later(n) for n in range(5)))
+    assert store.groups == [5]
+
+
+async def test_group_commit_does_not_wait_once_every_connection_is_waiting() -> None:
+    """With ``full`` replies pending the commit starts at once, not after the window."""
+    import asyncio
+    import time
+
+    store = _CountingStore()
+    ledger = pipeline._GroupCommit(store, {"ledger": 0.0}, full=4, window=30.0)  # type: ignore[arg-type]
+    start = time.monotonic()
+    await asyncio.wait_for(asyncio.gather(*(ledger.record(_delivery(n)) for n in range(4))), 5)
+    assert time.monotonic() - start < 5
+    assert store.groups == [4]
