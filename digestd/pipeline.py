@@ -30,6 +30,7 @@ from .config import Settings, read_secret
 from .errors import ConfigError
 from .models import Delivery, Digest, Paper, RenderedDigest, Subscriber
 from .runlock import RunLock
+from .schedule import cadence_due
 from .store import Store
 
 if TYPE_CHECKING:
@@ -141,8 +142,6 @@ def today_in(timezone: str, now: dt.datetime | None = None) -> dt.date:
 
 def due_on(subscriber: Subscriber, date: dt.date) -> bool:
     """Cadence: daily every day, weekdays Monday–Friday, weekly on Mondays."""
-    from .schedule import cadence_due
-
     return cadence_due(subscriber.prefs.cadence, date)
 
 
