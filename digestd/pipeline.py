@@ -45,7 +45,7 @@ POOL_MIN_SUBSCRIBERS = 2000
 RENDER_CHUNK = 50  # subscribers per task handed to a worker
 WORKER_GC_THRESHOLD = 50_000  # allocations between young collections in a render worker
 RUN_GC_THRESHOLD = 20_000  # … in the process running run_once, while it runs
-MAX_CHUNKS_SENDING = 2  # chunks of finished messages in the sender at once (memory bound)
+MAX_CHUNKS_SENDING = 4  # chunks of finished messages in the sender at once (memory bound)
 # How long replies gather before a ledger commit (unless every connection's is waiting).
 GROUP_COMMIT_WINDOW = 0.002
 # This many 5.7.x (policy) rejections in a row pause the run: nothing more is sent.
