@@ -508,6 +508,7 @@ def _long_date(date: dt.date) -> str:
     return f"{_WEEKDAYS[date.weekday()]}, {date.day} {_MONTHS[date.month - 1]} {date.year}"
 
 
+@functools.lru_cache(maxsize=256)  # pure; a run has one date and a few counts
 def _subject(template: str, date: dt.date, count: int) -> str:
     """Fill ``{date}``, ``{weekday}`` and ``{count}``; anything else stays literal (no
     str.format, so a template can never reach attributes)."""
