@@ -607,18 +607,16 @@ class _StaticRun:
 
 
 class _DynamicRun:
-    """A run of lines holding slots: filled and encoded per message (``keep``: its
-    encoding is cached by text, for runs that recur, such as a pick's reasons).
+    """A run of lines holding slots, filled and encoded per message (or per set of reasons).
 
     ``shared`` numbers the run's content (its pieces, deferred wraps resolved): equal runs
     of different blocks (a reasons line is the same for every paper) share one number, so
     their filled forms are cached once per set of reasons."""
 
-    __slots__ = ("keep", "pieces", "shared")
+    __slots__ = ("pieces", "shared")
 
-    def __init__(self, pieces: tuple[_Piece, ...], keep: bool) -> None:
+    def __init__(self, pieces: tuple[_Piece, ...]) -> None:
         self.pieces = pieces
-        self.keep = keep
         self.shared = -1
 
 
@@ -647,7 +645,7 @@ class _BlockRuns:
         self.wraps = made[1]
 
 
-def _compile_runs(pieces: Sequence[_Piece], keep: bool, whole_lines: bool) -> _Runs | None:
+def _compile_runs(pieces: Sequence[_Piece], whole_lines: bool) -> _Runs | None:
     """``pieces`` grouped into runs of lines: the fixed ones encoded now, those with slots
     left to fill. None if that cannot be done: the blocks slot not at a line start, a run
     that does not encode, or (``whole_lines``) text after the last line end."""
@@ -664,7 +662,7 @@ def _compile_runs(pieces: Sequence[_Piece], keep: bool, whole_lines: bool) -> _R
                 raise ValueError("a run that cannot be encoded")
             runs.append(_StaticRun(text, encoded))
         else:
-            runs.append(_DynamicRun(tuple(current), keep))
+            runs.append(_DynamicRun(tuple(current)))
         current.clear()
 
     try:
@@ -693,12 +691,12 @@ def _compile_runs(pieces: Sequence[_Piece], keep: bool, whole_lines: bool) -> _R
         if current and whole_lines:
             return None
         close()
-        return _merged(runs, keep)
+        return _merged(runs)
     except ValueError:
         return None
 
 
-def _merged(runs: list[_Run], keep: bool) -> _Runs:
+def _merged(runs: list[_Run]) -> _Runs:
     """Neighbouring fixed runs joined into one (encoded again), and neighbouring runs
     with slots joined into one: fewer, larger pieces to put together per message. Every
     run but the last ends a line, so joined runs are runs too."""
@@ -712,7 +710,7 @@ def _merged(runs: list[_Run], keep: bool) -> _Runs:
                 raise ValueError("a run that cannot be encoded")
             out[-1] = _StaticRun(text, encoded)
         elif type(run) is _DynamicRun and type(last) is _DynamicRun:
-            out[-1] = _DynamicRun(last.pieces + run.pieces, keep)
+            out[-1] = _DynamicRun(last.pieces + run.pieces)
         else:
             out.append(run)
     return tuple(out)
@@ -931,7 +929,7 @@ class _EntryBlocks:
             for text, *_ in wraps:
                 if any(m.group(1) not in "RHT" for m in d.slot.finditer(text)):
                     raise ValueError("a wrap around another wrap")
-            runs = _compile_runs(pieces, keep=True, whole_lines=True)
+            runs = _compile_runs(pieces, whole_lines=True)
             for run in runs or ():
                 if isinstance(run, _DynamicRun):
                     content = tuple(_resolved(piece, wraps) for piece in run.pieces)
@@ -1214,8 +1212,8 @@ class _Shapes:
             html=pieces[0],
             text=pieces[1],
             wraps=wraps,
-            html_runs=_compile_runs(pieces[0], keep=False, whole_lines=False),
-            text_runs=_compile_runs(pieces[1], keep=False, whole_lines=False),
+            html_runs=_compile_runs(pieces[0], whole_lines=False),
+            text_runs=_compile_runs(pieces[1], whole_lines=False),
         )
 
     def _pieces(self, rendered: str, wraps: int) -> tuple[_Piece, ...]:
