@@ -335,12 +335,9 @@ def encode_parts(parts: Sequence[str]) -> tuple[str, bytes] | None:
     whole body, for a body with a CR (line ends are normalised first), text that is not
     UTF-8-encodable, an empty body, or one for which base64 is smaller.
     """
-    chunks: list[bytes] = []
-    stuffed: list[bytes] | None = None
-    octets = newlines = 0
+    segments: list[Segment] = []
     pending: list[str] = []
     last = ""
-    segment: Segment | None
     for part in parts:
         if not part:
             continue
@@ -348,41 +345,17 @@ def encode_parts(parts: Sequence[str]) -> tuple[str, bytes] | None:
         last = part
         if part[-1] == "\n":
             # A part on its own recurs; a run of several holds a personal value: not kept.
-            segment = _segment(part) if len(pending) == 1 else _segment("".join(pending), False)
+            found = _segment(part) if len(pending) == 1 else _segment("".join(pending), False)
+            if found is None:
+                return None
+            segments.append(found)
             pending = []
-        else:
-            continue
-        if segment is None:
-            return None
-        if segment[3] is not None and stuffed is None:
-            stuffed = chunks.copy()
-        chunks.append(segment[0])
-        if stuffed is not None:
-            stuffed.append(segment[0] if segment[3] is None else segment[3])
-        octets += segment[1]
-        newlines += segment[2]
     if pending:
-        segment = _segment("".join(pending), False)
-        if segment is None:
+        found = _segment("".join(pending), False)
+        if found is None:
             return None
-        if segment[3] is not None and stuffed is None:
-            stuffed = chunks.copy()
-        chunks.append(segment[0])
-        if stuffed is not None:
-            stuffed.append(segment[0] if segment[3] is None else segment[3])
-        octets += segment[1]
-        newlines += segment[2]
-    if not chunks:
-        return None
-    qp = EncodedBody(b"".join(chunks))
-    # As _encode_body: the canonical (CRLF) form's length decides against base64.
-    canonical = octets + newlines + (0 if last.endswith("\n") else 2)
-    chars = 4 * ((canonical + 2) // 3)
-    if chars + 2 * ((chars + 75) // 76) < len(qp):
-        return None
-    if stuffed is not None:
-        qp.stuffed = b"".join(stuffed)
-    return "quoted-printable", qp
+        segments.append(found)
+    return assemble(segments, last.endswith("\n"))
 
 
 def segment(text: str, keep: bool = True) -> Segment | None:

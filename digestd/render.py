@@ -321,19 +321,25 @@ _BASES: dict[tuple[int, int], tuple[Paper, _Variants]] = {}
 _FULL: dict[tuple[int, int, tuple[str, ...]], tuple[Paper, Entry]] = {}
 
 
+def _base_variants(rank: int, paper: Paper) -> _Variants:
+    """The paper's entries at ``rank`` without reasons (cached by identity, see above)."""
+    base_key = (rank, id(paper))
+    base = _BASES.get(base_key)
+    if base is None or base[0] is not paper:
+        if len(_BASES) >= _VARIANTS_MAX:
+            _BASES.clear()
+        base = _BASES[base_key] = (paper, _variants(rank, paper))
+    return base[1]
+
+
 def _entry_full(rank: int, pick: Pick) -> Entry:
     """``_entry_variants(rank, pick).full``: all a digest that fits its budget needs."""
     key = (rank, id(pick.paper), pick.reasons)
     hit = _FULL.get(key)
     if hit is not None and hit[0] is pick.paper:
         return hit[1]
-    base_key = (rank, id(pick.paper))
-    base = _BASES.get(base_key)
-    if base is None or base[0] is not pick.paper:
-        if len(_BASES) >= _VARIANTS_MAX:
-            _BASES.clear()
-        base = _BASES[base_key] = (pick.paper, _variants(rank, pick.paper))
-    entry = _with_reasons(base[1].full, _clean_reasons(pick.reasons)[:MAX_REASONS])
+    base = _base_variants(rank, pick.paper)
+    entry = _with_reasons(base.full, _clean_reasons(pick.reasons)[:MAX_REASONS])
     if len(_FULL) >= _FULL_MAX:
         _FULL.clear()
     _FULL[key] = (pick.paper, entry)
@@ -345,14 +351,8 @@ def _entry_variants(rank: int, pick: Pick) -> _Variants:
     hit = _BY_IDENTITY.get(key)
     if hit is not None and hit[0] is pick.paper:
         return hit[1]
-    base_key = (rank, id(pick.paper))
-    base = _BASES.get(base_key)
-    if base is None or base[0] is not pick.paper:
-        if len(_BASES) >= _VARIANTS_MAX:
-            _BASES.clear()
-        base = _BASES[base_key] = (pick.paper, _variants(rank, pick.paper))
     reasons = _clean_reasons(pick.reasons)
-    plain = base[1]
+    plain = _base_variants(rank, pick.paper)
     variants = _Variants(
         full=_with_reasons(plain.full, reasons[:MAX_REASONS]),
         short=_with_reasons(plain.short, reasons[:1]),
