@@ -1,7 +1,8 @@
-"""Two throughput details of the pipeline (issue 6): garbage-collection thresholds while a
-run is in progress (``_GcWhileRunning``: raised for the run, put back exactly when the last
-overlapping run ends), and the ledger's group commit (``_GroupCommit``: replies gathered
-within a short window, never longer than until every connection's reply waits)."""
+"""Throughput details of the pipeline (issue 6): garbage-collection thresholds while a run
+is in progress (``_GcWhileRunning``: raised for the run, put back exactly when the last
+overlapping run ends), the ledger's group commit (``_GroupCommit``: replies gathered within
+a short window, never longer than until every connection's reply waits), and the render
+pool's widened result pipe."""
 
 from __future__ import annotations
 
@@ -100,3 +101,22 @@ async def test_group_commit_does_not_wait_once_every_connection_is_waiting() -> 
     await asyncio.wait_for(asyncio.gather(*(ledger.record(_delivery(n)) for n in range(4))), 5)
     assert time.monotonic() - start < 5
     assert store.groups == [4]
+
+
+def test_the_render_pool_result_pipe_is_widened() -> None:
+    """The pipe that brings finished messages back from the render workers holds 1 MiB (a
+    chunk crosses in a fill or two), and an executor without such a pipe is left alone."""
+    import fcntl
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pipeline._widen_result_pipe(pool)
+        reader = pool._result_queue._reader  # type: ignore[attr-defined]
+        size = fcntl.fcntl(reader.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032))
+        assert size >= pipeline.RESULT_PIPE_BYTES
+    finally:
+        pool.shutdown()
+    with ThreadPoolExecutor(1) as threads:
+        pipeline._widen_result_pipe(threads)  # no pipe: nothing happens, nothing raised
