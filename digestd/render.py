@@ -758,8 +758,8 @@ class _EntryBlocks:
         self.templates: dict[Entry, _BlockTemplate | None] = {}
         # (plain entry, reason count) -> its template's runs and wraps (None: no runs)
         self.by_entry: dict[object, _BlockRuns | None] = {}
-        # (block runs, reasons) -> the block filled with those reasons, and its encoding
-        self.filled: dict[tuple[_BlockRuns, tuple[str, ...]], tuple[str, Segment]] = {}
+        # entry -> its block filled with its reasons, and the block's encoding
+        self.filled: dict[Entry, tuple[str, Segment]] = {}
         # a dynamic run's content -> its number; (number, reasons) -> the run filled
         self.shared_runs: dict[tuple[object, ...], int] = {}
         self.run_cache: dict[tuple[int, tuple[str, ...]], tuple[str, Segment]] = {}
@@ -826,27 +826,28 @@ class _EntryBlocks:
         by_entry = self.by_entry
         filled = self.filled
         for entry in entries:
-            reasons = entry.reasons
-            key = (entry.plain, len(reasons)) if entry.plain is not None else entry
-            if key in by_entry:
-                found = by_entry[key]
-            else:
-                made = self._made(entry)
-                found = None if made is None or made[2] is None else _BlockRuns(made)
-                if len(by_entry) >= ENTRY_BLOCKS_MAX:
-                    by_entry.clear()
-                by_entry[key] = found
-            if found is None:
-                return False
-            done = filled.get((found, reasons))
+            # An entry (paper, rank, reasons) is hashed once and recurs as the same object.
+            done = filled.get(entry)
             if done is None or (texts is not None and not done[0]):
+                reasons = entry.reasons
+                key = (entry.plain, len(reasons)) if entry.plain is not None else entry
+                if key in by_entry:
+                    found = by_entry[key]
+                else:
+                    made = self._made(entry)
+                    found = None if made is None or made[2] is None else _BlockRuns(made)
+                    if len(by_entry) >= ENTRY_BLOCKS_MAX:
+                        by_entry.clear()
+                    by_entry[key] = found
+                if found is None:
+                    return False
                 done = self._join_runs(found, reasons)
                 if done is None:
                     return False
                 if len(filled) >= FILLED_RUNS_MAX:
                     filled.clear()
                 # The text is kept only when asked for (dry runs, Maildir copies).
-                filled[found, reasons] = done if texts is not None else ("", done[1])
+                filled[entry] = done if texts is not None else ("", done[1])
             segments.append(done[1])
             if texts is not None:
                 texts.append(done[0])
