@@ -730,9 +730,14 @@ class _EntryBlocks:
     The reasons differ most between readers, so the body is rendered by Jinja once per
     entry *without* them: with sentinels in their place (see :class:`_Deferrals`), kept as
     pieces; an entry's block is those pieces filled with its reasons. A new set of pieces
-    is checked against Jinja with the entry's own reasons and with hostile probe reasons;
-    any difference, or a sentinel that comes out changed, switches the pieces off and Jinja
-    renders every block.
+    is checked against Jinja with hostile probe reasons (markup, entities, emphasis,
+    non-ASCII, a long word); any difference, or a sentinel that comes out changed, switches
+    the pieces off and Jinja renders every block.
+
+    For the SMTP path (:meth:`extend`) the pieces are also grouped into line runs, encoded
+    once where fixed; an entry's whole block becomes one encoded segment, cached by entry,
+    and a line holding reasons (the same for every paper) is filled once per set of
+    reasons. Every cache here is bounded and starts over when full.
 
     Self-checking: the body is rendered with nothing but ``e`` in its context (a body that
     needs anything else fails and switches this off), and the first messages are also
