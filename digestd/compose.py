@@ -302,7 +302,7 @@ def _wire_from_payload(payload: bytes, size: int) -> WireReady:
 
 
 class EncodedText(str):
-    """Text that carries its own cached encoding (:func:`_segment`): a paper's block is
+    """Text that carries its own cached encoding (:func:`segment`): a paper's block is
     kept by the renderer with its encoding, outside the shared cache."""
 
     segment: Segment | None = None
@@ -315,8 +315,11 @@ class EncodedBody(bytes):
     stuffed: bytes | None = None
 
 
-def _stuffed(data: bytes) -> bytes | None:
-    """``data`` (starting a line, CRLF line ends) dot-stuffed, or None when unchanged."""
+def dot_stuffed(data: bytes) -> bytes | None:
+    """``data`` (starting a line, CRLF line ends) dot-stuffed, or None when unchanged: every
+    line that starts with "." gets a second one (RFC 5321 §4.5.2). One scan: since every
+    LF is part of a CRLF, such a line follows b"\r\n", and split/join on it is a single
+    pass (a replace counts first, then scans again)."""
     if b"\r\n." not in data and not data.startswith(b"."):
         return None
     out = b"\r\n..".join(data.split(b"\r\n."))
@@ -345,24 +348,17 @@ def encode_parts(parts: Sequence[str]) -> tuple[str, bytes] | None:
         last = part
         if part[-1] == "\n":
             # A part on its own recurs; a run of several holds a personal value: not kept.
-            found = _segment(part) if len(pending) == 1 else _segment("".join(pending), False)
+            found = segment(part) if len(pending) == 1 else segment("".join(pending), False)
             if found is None:
                 return None
             segments.append(found)
             pending = []
     if pending:
-        found = _segment("".join(pending), False)
+        found = segment("".join(pending), False)
         if found is None:
             return None
         segments.append(found)
     return assemble(segments, last.endswith("\n"))
-
-
-def segment(text: str, keep: bool = True) -> Segment | None:
-    """The encoding of ``text``, a run of whole lines (or a body's last, unterminated
-    one): (QP bytes, UTF-8 octets, LFs, the QP dot-stuffed or None if the same); cached
-    by text if ``keep``. None if it cannot be encoded here (a CR, not UTF-8-encodable)."""
-    return _segment(text, keep)
 
 
 def assemble(segments: Sequence[Segment], ends_with_newline: bool) -> tuple[str, bytes] | None:
@@ -380,12 +376,13 @@ def assemble(segments: Sequence[Segment], ends_with_newline: bool) -> tuple[str,
     return "quoted-printable", qp
 
 
-def _segment(text: str, keep: bool = True) -> Segment | None:
-    """(QP of ``text``'s lines, its UTF-8 octets, its LFs, the QP stuffed or None), cached
-    if ``keep``; None if not possible."""
+def segment(text: str, keep: bool = True) -> Segment | None:
+    """The encoding of ``text``, a run of whole lines (or a body's last, unterminated
+    one): (QP bytes, UTF-8 octets, LFs, the QP dot-stuffed or None if the same); cached
+    by text if ``keep``. None if it cannot be encoded here (a CR, not UTF-8-encodable)."""
     if type(text) is EncodedText:
         if text.segment is None:
-            text.segment = _segment(str(text), False)
+            text.segment = segment(str(text), False)
         return text.segment
     hit = _SEGMENTS.get(text) if keep else None
     if hit is None:
@@ -402,9 +399,9 @@ def _segment(text: str, keep: bool = True) -> Segment | None:
             qp = b"".join([binascii.b2a_qp(line + b"\n", istext=True) for line in lines])
             qp = qp.replace(b"\n", _CRLF)
             newlines = len(lines) - (not text.endswith("\n"))
-            return qp, len(data), newlines, _stuffed(qp)
+            return qp, len(data), newlines, dot_stuffed(qp)
         qp = b"".join([_qp_line(line) for line in lines])
-        hit = (qp, len(data), data.count(b"\n"), _stuffed(qp))
+        hit = (qp, len(data), data.count(b"\n"), dot_stuffed(qp))
         if len(_SEGMENTS) >= SEGMENTS_MAX:
             _SEGMENTS.clear()
         _SEGMENTS[text] = hit
@@ -604,7 +601,7 @@ def build_message(
         for subtype, body, given in ((b"plain", text, encoded[0]), (b"html", html, encoded[1])):
             cte, data = given if given is not None else _encode_body(body)
             stuffed_bodies.append(
-                data.stuffed if type(data) is EncodedBody else _stuffed(data) if data else None
+                data.stuffed if type(data) is EncodedBody else dot_stuffed(data) if data else None
             )
             out += [
                 delimiter,

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, Self, cast
 
 import structlog
 
-from .compose import WireReady
+from .compose import WireReady, dot_stuffed
 from .errors import ConfigError, DeliveryError, TransportSetupError
 from .models import Delivery, DeliveryState, RenderedDigest
 
@@ -286,14 +286,9 @@ def _clean_payload(message: bytes) -> tuple[bytes, int, bool]:
         message += b"\r\n"
         changed = True
     size = len(message)
-    # Every LF is part of a CRLF, so a line starting with "." follows b"\r\n": split and
-    # join on it is one scan (a replace counts first, then scans again).
-    if b"\r\n." in message:
-        message = b"\r\n..".join(message.split(b"\r\n."))
-        changed = True
-    if message.startswith(b"."):
-        message = b"." + message
-        changed = True
+    stuffed = dot_stuffed(message)
+    if stuffed is not None:
+        message, changed = stuffed, True
     return message + b".\r\n", size, changed
 
 
@@ -309,17 +304,10 @@ def _data_payload(message: bytes) -> tuple[bytes, int]:
         if message.payload is not None:
             return message.payload, message.size
         return message + b".\r\n", len(message)
-    if _crlf_only(message):
-        payload, size, _ = _clean_payload(message)
-        return payload, size
-    message = _BARE_LINE_ENDING.sub(b"\r\n", message)
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    # Every LF is part of a CRLF by now.
-    stuffed = message.replace(b"\n.", b"\n..") if b"\n." in message else message
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    return stuffed + b".\r\n", len(message)
+    if not _crlf_only(message):
+        message = _BARE_LINE_ENDING.sub(b"\r\n", message)  # now every LF is in a CRLF
+    payload, size, _ = _clean_payload(message)
+    return payload, size
 
 
 def _address_problem(address: str, what: str) -> str | None:

@@ -1063,22 +1063,29 @@ class _Shapes:
             for p in self.parts
         )
 
+    def _key(self, context: dict[str, object]) -> tuple[list[str], tuple[object, ...]] | None:
+        """The personal values of ``context`` and its shape's cache key: everything else
+        in it, and which personal values are empty. None: shapes cannot be used."""
+        if not self.on or any(p.skeleton is None for p in self.parts):
+            return None
+        personal = [context[f] for f in PERSONAL_FIELDS]
+        if not all(type(v) is str for v in personal):
+            return None
+        rest = tuple(
+            (k, v) for k, v in context.items() if k not in PERSONAL_FIELDS and k != "entries"
+        )
+        return cast("list[str]", personal), (rest, tuple(bool(v) for v in personal))
+
     def render(
         self, context: dict[str, object], entries: list[Entry]
     ) -> tuple[str, str, list[str], list[str]] | None:
         """(html, text, html's parts, text's parts) for ``context``, or None: use the block
         path. The parts join to the bodies; fixed text is split at line ends so that
         :func:`~digestd.compose.encode_parts` can reuse the encoding of each line run."""
-        if not self.on or any(p.skeleton is None for p in self.parts):
+        keyed = self._key(context)
+        if keyed is None:
             return None
-        values = [context[f] for f in PERSONAL_FIELDS]
-        if not all(type(v) is str for v in values):
-            return None
-        personal = cast("list[str]", values)
-        rest = tuple(
-            (k, v) for k, v in context.items() if k not in PERSONAL_FIELDS and k != "entries"
-        )
-        key = (rest, tuple(bool(v) for v in personal))
+        personal, key = keyed
         try:
             shape = self.cache.get(key)
             new = shape is None
@@ -1110,20 +1117,15 @@ class _Shapes:
 
         The first messages are checked against :meth:`render`'s output, byte for byte.
         """
-        if not self.on or any(p.skeleton is None for p in self.parts):
+        keyed = self._key(context)
+        if keyed is None:
             return None
-        personal = [context[f] for f in PERSONAL_FIELDS]
-        if not all(type(v) is str for v in personal):
-            return None
-        rest = tuple(
-            (k, v) for k, v in context.items() if k not in PERSONAL_FIELDS and k != "entries"
-        )
-        shape = self.cache.get((rest, tuple(bool(v) for v in personal)))
+        values, key = keyed
+        shape = self.cache.get(key)
         if shape is None or shape.html_runs is None or shape.text_runs is None:
             return None
         checking = self.checks > 0
         want_parts = want_parts or checking
-        values = cast("list[str]", personal)
         out: list[tuple[str, bytes] | None] = []
         bodies: list[str] = []
         for runs, part in ((shape.text_runs, self.parts[1]), (shape.html_runs, self.parts[0])):
@@ -1142,7 +1144,7 @@ class _Shapes:
                     last = run.text
                 else:
                     pieces = cast("_DynamicRun", run).pieces
-                    text = self._fill_run(pieces, shape.wraps, values, part)
+                    text = "".join(self._fill(pieces, shape.wraps, values, [], part))
                     encoded = segment(text, False)
                     if encoded is None:
                         return None
@@ -1168,30 +1170,6 @@ class _Shapes:
                 self._off("line runs differ from the parts")
                 return None
         return result
-
-    def _fill_run(
-        self,
-        pieces: tuple[_Piece, ...],
-        wraps: tuple[_Deferred, ...],
-        personal: list[str],
-        part: _EntryBlocks,
-    ) -> str:
-        esc = part.html
-        out: list[str] = []
-        for piece in pieces:
-            if type(piece) is str:
-                out.append(piece)
-                continue
-            kind, index = cast("tuple[str, int]", piece)
-            if kind == "S":
-                value = personal[index]
-                out.append(str(markupsafe.escape(value)) if esc else value)
-            else:
-                text, width, indent, first = wraps[index]
-                text = self.slot.sub(lambda m: personal[int(m.group(2))], text)
-                wrapped = _fill_text(text, width, indent, first)
-                out.append(str(markupsafe.escape(wrapped)) if esc else wrapped)
-        return "".join(out)
 
     def _off(self, reason: str) -> None:
         log.warning("digest_shapes_disabled", reason=reason)
