@@ -558,10 +558,8 @@ def _select_render(
         try:
             rendered = engine.render(digest, parts=keep_parts)
             message = wire_checked(rendered.message)
-            if message is not rendered.message or (not keep_parts and rendered.html):
+            if message is not rendered.message:
                 rendered = replace(rendered, message=message)
-                if not keep_parts:
-                    rendered = replace(rendered, html="", text="")
             out.append(rendered)
         except Exception as exc:  # one reader's render never aborts the run
             out.append(("error", sub.id, sub.email, str(exc)))

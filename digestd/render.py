@@ -1313,8 +1313,8 @@ class Renderer:
     def render(self, digest: Digest, ctx: RenderContext, *, parts: bool = True) -> RenderedDigest:
         """The finished message for ``digest``; raises RenderError (that subscriber only).
 
-        ``parts=False``: the message bytes are all the caller needs, and the ``html`` and
-        ``text`` fields may come back empty (the SMTP sender does not keep them)."""
+        ``parts=False``: the message bytes are all the caller needs; the ``html`` and
+        ``text`` fields come back empty (the SMTP sender does not keep them)."""
         try:
             return self._render(digest, ctx, parts)
         except RenderError:
@@ -1431,8 +1431,8 @@ class Renderer:
             date=digest.date,
             message_id=message_id,
             subject=subject,
-            html=html,
-            text=text,
+            html=html if parts else "",
+            text=text if parts else "",
             message=message,
             paper_ids=tuple(e.paper_id for e in entries),
         )
