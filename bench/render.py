@@ -9,7 +9,7 @@ Usage::
 The day is every recorded Hugging Face paper (bench/_population.py), the subscribers are
 the delivery bench's (mixed preferences). After ``--warm`` subscribers (the caches of a
 long run), ``--subscribers`` *other* subscribers are selected and rendered as the render
-workers do it (``pipeline._select_render``: message bytes with their SMTP payload).
+workers do it (``pipeline._select_render``: each message as its SMTP DATA payload).
 The reference renders a sample of the same digests with Jinja's whole templates (no entry
 blocks, no shapes, no line runs) and checks that every message is byte for byte the
 same. Printed: CPU µs per message for both, their ratio, and peak RSS (getrusage).
@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _population import merged_papers, subscribers  # noqa: E402
 
 from digestd import pipeline  # noqa: E402
+from digestd.compose import message_bytes  # noqa: E402
 from digestd.config import load_config  # noqa: E402
 from digestd.deliver import wire_checked  # noqa: E402
 from digestd.models import RenderedDigest, Subscriber  # noqa: E402
@@ -109,7 +110,7 @@ def main() -> None:
             digest, _ = eng.select(by_id[rendered.subscriber_id], DATE, frozenset(), {})
             reference.append(wire_checked(whole.render(digest, eng.ctx).message))
         ref_s = time.process_time() - start
-        same = all(r == m.message for r, m in zip(reference, sample, strict=True))
+        same = all(r == message_bytes(m.message) for r, m in zip(reference, sample, strict=True))
 
     n = len(measured)
     fast_us = fast_s / n * 1e6

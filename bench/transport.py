@@ -6,9 +6,10 @@ Usage::
                                         [--repeat 3] [--no-pipelining]
 
 Builds one ~28 KB quoted-printable message (lines starting with "." included, so it needs
-dot-stuffing), passes it through ``deliver.wire_checked`` as the render workers do, and makes
-N RenderedDigest of it for N different recipients. Then ``--sessions`` asyncio tasks share
-one ``SmtpTransport`` (``delivery.concurrency`` = sessions, connections reused for the whole
+dot-stuffing), passes it through ``deliver.wire_checked`` and ``compose.as_data_payload``
+as the render workers do (the sender gets the DATA payload), and makes N RenderedDigest of
+it for N different recipients. Then ``--sessions`` asyncio tasks share one ``SmtpTransport``
+(``delivery.concurrency`` = sessions, connections reused for the whole
 run, PIPELINING as smtp-sink offers it unless ``--no-pipelining``) and send them all to
 ``smtp-sink`` on 127.0.0.1. Logging is configured as the daemon does (level info).
 
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from delivery import SMTP_SINK, SMTP_SOURCE, SOURCE_HEADER_BYTES, free_port, smtp_sink  # noqa: E402
 
 from digestd import logs  # noqa: E402
+from digestd.compose import as_data_payload  # noqa: E402
 from digestd.config import DeliveryConfig, SmtpConfig  # noqa: E402
 from digestd.deliver import SmtpTransport, wire_checked  # noqa: E402
 from digestd.models import RenderedDigest  # noqa: E402
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{tool} is missing: apt-get install postfix")
     logs.configure(json=True, level="info")
 
-    body = wire_checked(message_bytes(args.size))
+    body = as_data_payload(wire_checked(message_bytes(args.size)))
     messages = [
         RenderedDigest(i, f"reader{i}@example.org", DATE, f"<m{i}@example.org>", "", "", "",
                        body, ("2611.00001",))

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, Self, cast
 
 import structlog
 
-from .compose import WireReady, dot_stuffed
+from .compose import DataPayload, WireReady, dot_stuffed, message_bytes
 from .errors import ConfigError, DeliveryError, TransportSetupError
 from .models import Delivery, DeliveryState, RenderedDigest
 
@@ -254,7 +254,7 @@ def wire_checked(message: bytes) -> bytes:
     ``message`` and survives pickling; plain bytes are still handled at send time, and so is
     a message with bare CR or LF (returned as it is: the send rewrites its line ends).
     """
-    if type(message) is _WireReady:
+    if type(message) is _WireReady or type(message) is DataPayload:
         return message
     if not _crlf_only(message):
         return message
@@ -304,6 +304,8 @@ def _data_payload(message: bytes) -> tuple[bytes, int]:
         if message.payload is not None:
             return message.payload, message.size
         return message + b".\r\n", len(message)
+    if type(message) is DataPayload:
+        return message, message.size
     if not _crlf_only(message):
         message = _BARE_LINE_ENDING.sub(b"\r\n", message)  # now every LF is in a CRLF
     payload, size, _ = _clean_payload(message)
@@ -1301,7 +1303,7 @@ class MaildirTransport:
     def _deliver(self, message: RenderedDigest) -> str:
         self._prepare()
         # Maildir files hold the message with local (LF) line endings.
-        data = message.message.replace(b"\r\n", b"\n")
+        data = message_bytes(message.message).replace(b"\r\n", b"\n")
         for _ in range(5):
             name = self._unique_name()
             tmp = self.path / "tmp" / name

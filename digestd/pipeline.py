@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
+from .compose import message_size
 from .config import Settings, read_secret
 from .errors import ConfigError
 from .models import Delivery, Digest, Paper, RenderedDigest, Subscriber
@@ -540,7 +541,11 @@ _ChunkResult = tuple[list[_Outcome], float, float]  # outcomes, select s, render
 def _select_render(
     engine: Engine, items: Sequence[_Item], date: dt.date, keep_parts: bool = True
 ) -> _ChunkResult:
-    """Select and render one chunk of subscribers (in the main process or a worker)."""
+    """Select and render one chunk of subscribers (in the main process or a worker).
+
+    ``keep_parts=False`` (SMTP): the messages come back as their DATA payloads
+    (:class:`~digestd.compose.DataPayload`) and without their HTML and text parts."""
+    from .compose import as_data_payload
     from .deliver import wire_checked
 
     send_empty = engine.settings.digest.send_empty
@@ -558,6 +563,8 @@ def _select_render(
         try:
             rendered = engine.render(digest, parts=keep_parts)
             message = wire_checked(rendered.message)
+            if not keep_parts:  # for the SMTP sender: the DATA payload is all it needs
+                message = as_data_payload(message)
             if message is not rendered.message:
                 rendered = replace(rendered, message=message)
             out.append(rendered)
@@ -943,7 +950,7 @@ class _Sender:
         await self.ledger.record(delivery)
         if state == "accepted":
             self.summary.sent += 1
-            self.summary.sent_bytes += len(message.message)
+            self.summary.sent_bytes += message_size(message.message)
             self.deferred.pop(sub_id, None)
         elif state in ("deferred", "unknown"):
             if state == "unknown":

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from smtpserver import digest_message
 
+from digestd.compose import as_data_payload
 from digestd.config import settings_from_dict
-from digestd.deliver import MaildirTransport, SmtpTransport, make_transport
+from digestd.deliver import MaildirTransport, SmtpTransport, make_transport, wire_checked
 from digestd.errors import TransportSetupError
 
 SENDER = "bounces@example.org"
@@ -45,6 +46,22 @@ async def test_message_lands_in_new_and_parses_back(tmp_path: Path) -> None:
     # The stdlib's Maildir reader sees exactly this one message.
     [(_key, msg)] = list(mailbox.Maildir(box, create=False).items())
     assert msg["Subject"] == message.subject
+
+
+async def test_a_data_payload_lands_as_its_message(tmp_path: Path) -> None:
+    """Handed a message as its SMTP DATA payload (dot-stuffed), the Maildir file still
+    holds the message itself."""
+    box = tmp_path / "outbox"
+    message = digest_message("ada@example.org")
+    assert b"\r\n." in message.message  # a line starting with "." (stuffed in the payload)
+    as_payload = dataclasses.replace(
+        message, message=as_data_payload(wire_checked(message.message))
+    )
+    assert bytes(as_payload.message) != message.message
+    async with MaildirTransport(box) as t:
+        assert (await t.send(as_payload, SENDER)).state == "accepted"
+    [path] = files(box / "new")
+    assert path.read_bytes() == message.message.replace(b"\r\n", b"\n")
 
 
 async def test_concurrent_writers_get_unique_names(tmp_path: Path) -> None:

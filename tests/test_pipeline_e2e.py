@@ -6,8 +6,10 @@ received are parsed back with email.policy.default.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
+import email.utils
 import json
 import subprocess
 import sys
@@ -257,3 +259,52 @@ def test_a_paper_is_never_sent_twice_across_days(config: Path, smtp: tuple[Recor
     first, second = (ids_in(data) for _, _, data in recorder.messages)
     assert len(first) == 10 and len(second) == 5
     assert not first & second
+
+
+def test_render_workers_hand_the_sender_payloads_that_arrive_as_messages(
+    config: Path, smtp: tuple[Recorder, int]
+) -> None:
+    """With a render worker process (``render_workers = 1``), the messages cross to the
+    sender as DATA payloads: the server receives each message byte for byte as the same
+    digest renders in this process, and the run's ``sent_bytes`` counts the messages, not
+    their stuffed payloads."""
+    import datetime as dt
+
+    from digestd import pipeline
+    from digestd.config import load_config
+    from digestd.models import Subscriber
+    from digestd.sources import load_papers_file
+    from digestd.store import Store
+
+    recorder, _ = smtp
+    config.write_text(
+        config.read_text().replace("concurrency = 2", "concurrency = 2\nrender_workers = 1")
+    )
+    names = ["ada@example.org", "alan@example.org", "grace@example.org"]
+    for name in names:
+        add(config, name, "--keyword", "learning")
+    code, out, err = invoke(config, "run-once", "--date", DAY)
+    assert code == 0, out + err
+    assert len(recorder.messages) == 3
+    [summary] = [
+        json.loads(line)
+        for line in err.splitlines()
+        if line.startswith("{") and json.loads(line)["event"] == "run finished"
+    ]
+    assert summary["sent_bytes"] == sum(len(data) for _, _, data in recorder.messages)
+    assert any(b"\r\n." in data for _, _, data in recorder.messages)  # stuffed on the way
+
+    settings = load_config(config)
+
+    async def subscribers() -> list[Subscriber]:
+        async with Store.open(settings.store.path) as store:
+            return [s async for batch in store.iter_subscribers() for s in batch]
+
+    received = {rcpts[0]: data for _, rcpts, data in recorder.messages}
+    day = dt.date.fromisoformat(DAY)
+    for sub in asyncio.run(subscribers()):
+        msg = email.message_from_bytes(received[sub.email], policy=email.policy.default)
+        now = email.utils.parsedate_to_datetime(msg["Date"])
+        engine = pipeline.Engine(settings, load_papers_file(PAPERS), (), now)
+        digest, _ = engine.select(sub, day, frozenset(), {})
+        assert engine.render(digest).message == received[sub.email]

@@ -15,6 +15,7 @@ import re
 import pytest
 from smtpserver import SmtpServer, digest_message
 
+from digestd.compose import DataPayload, as_data_payload, message_bytes, message_size
 from digestd.config import DeliveryConfig, SmtpConfig
 from digestd.deliver import SmtpTransport, _data_payload, wire_checked
 
@@ -101,6 +102,32 @@ def test_wire_checked_matches_reference_on_all_inputs() -> None:
             assert _data_payload(marked) == reference_payload(message), message
 
 
+def test_data_payload_form_gives_back_the_message_on_all_inputs() -> None:
+    """The form the render workers hand to the SMTP sender: for every message that
+    wire_checked marks, as_data_payload gives the reference payload and size; that form
+    survives pickling (as itself: no scan on arrival), the transport and wire_checked take
+    it as it is, and message_bytes / message_size give back the message as sent and its
+    size.
+    Anything else passes through unchanged."""
+    for message in [*HOSTILE, *fuzz_inputs()]:
+        checked = wire_checked(message)
+        form = as_data_payload(checked)
+        if type(checked) is bytes:
+            assert form is checked, message
+            continue
+        payload, size = reference_payload(message)
+        for item in (form, pickle.loads(pickle.dumps(form))):
+            assert type(item) is DataPayload, message
+            assert bytes(item) == payload and item.size == size, message
+            assert _data_payload(item) == (payload, size), message
+            assert wire_checked(item) is item, message
+            # the message as sent: a missing final CRLF is added (RFC 5321 §4.1.1.4)
+            sent = message if message.endswith(b"\r\n") else message + b"\r\n"
+            assert message_bytes(item) == sent and message_size(item) == size == len(sent)
+    plain = b"Subject: x\r\n\r\nbody\r\n"
+    assert message_bytes(plain) is plain and message_size(plain) == len(plain)
+
+
 def test_wire_checked_attaches_a_payload_only_when_it_differs() -> None:
     """A clean message without dot lines carries no second copy; one with them does."""
     plain = digest_message(text="Today's papers:\n").message
@@ -117,14 +144,16 @@ def test_rendered_message_payload_matches_reference() -> None:
 
 
 async def test_dot_lines_arrive_intact_over_smtp() -> None:
-    """Messages full of "." lines, "..", and a leading dot are received byte for byte."""
+    """Messages full of "." lines, "..", and a leading dot are received byte for byte, sent
+    as messages and as DATA payloads."""
     bodies = [
         b"Subject: dots\r\n\r\n.\r\n..\r\n.x\r\nend\r\n",
         b".leading: dot\r\n\r\n" + b".\r\n" * 500,
         b"Subject: huge\r\n\r\n" + (b"z" * 900 + b"\r\n.") * 200 + b"\r\n",
     ]
     messages = [
-        dataclasses.replace(digest_message(subscriber_id=i), message=wire_checked(body))
+        dataclasses.replace(digest_message(subscriber_id=i), message=form(wire_checked(body)))
+        for form in (lambda m: m, as_data_payload)  # as rendered; as the workers hand it on
         for i, body in enumerate(bodies)
     ]
     with SmtpServer() as server:
@@ -133,7 +162,7 @@ async def test_dot_lines_arrive_intact_over_smtp() -> None:
             for message in messages:
                 result = await sender.send(message, "bounces@example.org")
                 assert result.state == "accepted", result.reply
-        assert [r.data for r in server.received] == bodies
+        assert [r.data for r in server.received] == bodies * 2
 
 
 def _niceness_after_worker_start(parent: int) -> int:
