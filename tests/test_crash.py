@@ -73,11 +73,13 @@ class Sink:
         self.port = int(line.split()[1])
 
     def received(self) -> list[str]:
-        """Recipients, one per accepted message, in order."""
+        """Recipients, one per accepted message, in order. The sink may be writing a line
+        while this reads: only whole lines (ending in a newline) count."""
         if not self.log.exists():
             return []
         out = []
-        for line in self.log.read_text().splitlines():
+        whole = self.log.read_text().split("\n")[:-1]  # the last piece is unfinished or ""
+        for line in whole:
             if line.strip():
                 out.extend(json.loads(line)["rcpt"])
         return out
