@@ -10,6 +10,7 @@ import email
 import email.policy
 import os
 import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +32,13 @@ from test_daemon_support import (
     wait_until,
     write_config,
 )
+
+
+def run_daemon(config: Path, tmp_path: Path, notify: NotifyListener) -> subprocess.Popen[bytes]:
+    """``digestd run`` with ``config``, its log in tmp_path/daemon.log, notifying ``notify``."""
+    return spawn(
+        config, "run", log=tmp_path / "daemon.log", env=clean_env(NOTIFY_SOCKET=notify.path)
+    )
 
 
 @pytest.fixture
@@ -177,9 +185,7 @@ def test_sigterm_drains_in_flight_transactions(tmp_path: Path, notify: NotifyLis
             concurrency=2,
         )
         everyone = add_subscribers(store, emails(6))
-        proc = spawn(
-            config, "run", log=tmp_path / "daemon.log", env=clean_env(NOTIFY_SOCKET=notify.path)
-        )
+        proc = run_daemon(config, tmp_path, notify)
         try:
             wait_until(lambda: smtp.commands["MAIL"] >= 2, 30, "two transactions in flight")
             assert smtp.received == []  # still waiting for the slow 250s
@@ -232,9 +238,7 @@ def test_unwritable_store_fails_the_self_check(tmp_path: Path, notify: NotifyLis
     config = write_config(
         tmp_path / "digestd.toml", store=blocker / "d.sqlite3", maildir=tmp_path / "out"
     )
-    proc = spawn(
-        config, "run", log=tmp_path / "daemon.log", env=clean_env(NOTIFY_SOCKET=notify.path)
-    )
+    proc = run_daemon(config, tmp_path, notify)
     try:
         assert proc.wait(30) == 1
     finally:
@@ -252,9 +256,7 @@ def test_http_endpoint_runs_alongside_the_scheduler(tmp_path: Path, notify: Noti
         maildir=tmp_path / "out",
         http_port=port,
     )
-    proc = spawn(
-        config, "run", log=tmp_path / "daemon.log", env=clean_env(NOTIFY_SOCKET=notify.path)
-    )
+    proc = run_daemon(config, tmp_path, notify)
     try:
         notify.wait_for(lambda m: m.get("READY") == "1")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
@@ -281,9 +283,7 @@ def test_http_port_in_use_fails_before_ready(tmp_path: Path, notify: NotifyListe
             maildir=tmp_path / "out",
             http_port=port,
         )
-        proc = spawn(
-            config, "run", log=tmp_path / "daemon.log", env=clean_env(NOTIFY_SOCKET=notify.path)
-        )
+        proc = run_daemon(config, tmp_path, notify)
         try:
             assert proc.wait(30) == 2
         finally:
@@ -296,9 +296,7 @@ def test_sigint_stops_like_sigterm(tmp_path: Path, notify: NotifyListener) -> No
     config = write_config(
         tmp_path / "digestd.toml", store=tmp_path / "d.sqlite3", maildir=tmp_path / "out"
     )
-    proc = spawn(
-        config, "run", log=tmp_path / "daemon.log", env=clean_env(NOTIFY_SOCKET=notify.path)
-    )
+    proc = run_daemon(config, tmp_path, notify)
     try:
         notify.wait_for(lambda m: m.get("READY") == "1")
         os.kill(proc.pid, signal.SIGINT)
@@ -354,9 +352,7 @@ def test_catch_up_skips_a_date_not_yet_due(
         send_at="23:59",
     )
     add_subscribers(store, emails(2))
-    proc = spawn(
-        config, "run", log=tmp_path / "daemon.log", env=clean_env(NOTIFY_SOCKET=notify.path)
-    )
+    proc = run_daemon(config, tmp_path, notify)
     try:
         notify.wait_for(lambda m: m.get("STATUS", "").startswith("idle"))
         proc.send_signal(signal.SIGTERM)
