@@ -470,7 +470,7 @@ def _fill_text(text: str, width: int, indent: str, first: str | None) -> str:
     return textwrap.fill(
         text,
         width=width,
-        initial_indent=indent if first is None else first,
+        initial_indent=initial,
         subsequent_indent=indent,
         break_long_words=False,
         break_on_hyphens=False,
