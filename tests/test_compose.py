@@ -225,3 +225,34 @@ def test_header_text_strips_controls_and_bounds_length() -> None:
     """header_text removes control/format characters and cuts long values."""
     assert header_text("a\r\nb\tc\x00d\u202ee\u2028f") == "a b cde f"
     assert header_text("x" * 600, 10) == "x" * 9 + "…"
+
+
+def test_strip_controls_fast_path_never_skips_a_control() -> None:
+    """The printable shortcut is exact: every character the control patterns match is one
+    that str.isprintable() refuses, over all of Unicode."""
+    from digestd.compose import _controls
+
+    spaces, others = _controls()
+    matched = [
+        code for code in range(0x110000) if spaces.match(chr(code)) or others.match(chr(code))
+    ]
+    assert len(matched) > 2000  # Cc, Cf, Zl, Zp and the surrogates
+    assert not [code for code in matched if chr(code).isprintable()]
+
+
+def test_strip_controls_matches_the_regex_path_on_random_text() -> None:
+    """Random mixes of letters, spaces, controls, format characters, ZWJ and surrogates:
+    the result is what the two regex passes give."""
+    import random
+
+    from digestd.compose import _controls, strip_controls
+
+    spaces, others = _controls()
+    alphabet = "aZ 9é日\t\n\r\x0b\x00\x1f\x7f\x85\u00ad\u200b\u200c\u200d\u2028\u2029\ufeff\ud800"
+    rng = random.Random(20261125)
+    for _ in range(5000):
+        value = "".join(rng.choices(alphabet, k=rng.randint(0, 30)))
+        assert strip_controls(value) == others.sub("", spaces.sub(" ", value)), repr(value)
+    assert strip_controls("Reader 7 <r@example.org>") == "Reader 7 <r@example.org>"
+    assert strip_controls("a\u200db") == "a\u200db"  # ZWJ is kept
+    assert strip_controls("a\u2028b\u00adc") == "a bc"
