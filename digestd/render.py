@@ -436,12 +436,20 @@ def _find_templates() -> Path:
 
 
 _EMPHASIS = re.compile(r"\*([^*]+)\*")
+_HTML_SPECIAL = re.compile("[&<>\"']")  # what markupsafe.escape replaces
+
+
+def escaped(value: str) -> str:
+    """``str(markupsafe.escape(value))``, what autoescape writes for ``value``, without
+    making a Markup for the usual value that has nothing to escape."""
+    if _HTML_SPECIAL.search(value) is None:
+        return value
+    return str(markupsafe.escape(value))
 
 
 def emphasis_html(text: str) -> markupsafe.Markup:
     """A reason's ``*phrase*`` as <em>phrase</em>; everything else escaped."""
-    escaped = str(markupsafe.escape(text))
-    return markupsafe.Markup(_EMPHASIS.sub(r"<em>\1</em>", escaped))  # noqa: S704 (escaped above)
+    return markupsafe.Markup(_EMPHASIS.sub(r"<em>\1</em>", escaped(text)))  # noqa: S704 (escaped)
 
 
 def emphasis_text(text: str) -> str:
@@ -980,10 +988,10 @@ class _EntryBlocks:
                     lambda m: _reason_value(m.group(1), reasons[int(m.group(2))]), text
                 )
                 wrapped = _wrap(text, width, indent, first)
-                out.append(str(markupsafe.escape(wrapped)) if esc else wrapped)
+                out.append(escaped(wrapped) if esc else wrapped)
             else:
                 value = _reason_value(kind, reasons[index])
-                out.append(str(markupsafe.escape(value)) if esc and kind != "H" else value)
+                out.append(escaped(value) if esc and kind != "H" else value)
         return "".join(out)
 
     def render(self, context: dict[str, object]) -> str:
@@ -1237,13 +1245,13 @@ class _Shapes:
                 out += part.each(entries)
             elif kind == "S":
                 value = personal[index]
-                out.append(str(markupsafe.escape(value)) if esc else value)
+                out.append(escaped(value) if esc else value)
             else:
                 text, width, indent, first = wraps[index]
                 # One pass: a value that happens to hold a sentinel is not scanned again.
                 text = self.slot.sub(lambda m: personal[int(m.group(2))], text)
                 wrapped = _fill_text(text, width, indent, first)
-                out.append(str(markupsafe.escape(wrapped)) if esc else wrapped)
+                out.append(escaped(wrapped) if esc else wrapped)
         return out
 
 

@@ -175,3 +175,19 @@ def test_thousand_hostile_messages() -> None:
             assert "\r" not in rendered.text and "\x00" not in rendered.text
         except AssertionError as exc:
             raise AssertionError(f"message {n} (count={count}): {exc}") from exc
+
+
+def test_escaped_is_what_autoescape_writes() -> None:
+    """render.escaped agrees with markupsafe.escape on random mixes of the five special
+    characters, entities, non-ASCII and plain text, and on Markup (never escaped twice)."""
+    import markupsafe
+
+    from digestd.render import escaped
+
+    rng = random.Random(20261125)
+    alphabet = ["a", " ", "&", "<", ">", '"', "'", "&amp;", "日", "\u00a0", "*", "=", ";"]
+    for _ in range(5000):
+        value = "".join(rng.choices(alphabet, k=rng.randint(0, 20)))
+        assert escaped(value) == str(markupsafe.escape(value)), repr(value)
+        marked = markupsafe.Markup(value)
+        assert escaped(marked) == str(markupsafe.escape(marked)) == value
