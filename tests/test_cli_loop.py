@@ -66,3 +66,18 @@ path = "{PAPERS}"
     assert "expected 'uvloop' or 'asyncio'" in result.output
     assert len(result.output) < 500  # a hostile value is not echoed whole
     assert not store.exists()
+
+
+def test_without_uvloop_the_standard_loop_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop missing (a platform without it): the standard loop, unless uvloop is asked
+    for by name, which is a usage error rather than a silent fallback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    monkeypatch.delenv(cli.LOOP_ENV, raising=False)
+    assert cli.loop_factory() is None
+    assert cli._run(_loop_type()) is not uvloop.Loop
+    monkeypatch.setenv(cli.LOOP_ENV, "uvloop")
+    with pytest.raises(SystemExit) as exc:
+        cli.loop_factory()
+    assert exc.value.code == cli.EXIT_USAGE
