@@ -49,6 +49,8 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     import os
 
     wanted = os.environ.get(LOOP_ENV, "").strip().lower()
+    if wanted not in ("", "uvloop", "asyncio"):
+        _fail(f"{LOOP_ENV}={wanted[:40]!r}: expected 'uvloop' or 'asyncio'")
     if wanted == "asyncio":
         return None
     try:
@@ -57,8 +59,6 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         if wanted == "uvloop":
             _fail(f"{LOOP_ENV}=uvloop, but uvloop is not installed")
         return None
-    if wanted not in ("", "uvloop"):
-        _fail(f"{LOOP_ENV}={wanted[:40]!r}: expected 'uvloop' or 'asyncio'")
     return uvloop.new_event_loop
 
 

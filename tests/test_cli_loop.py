@@ -77,7 +77,8 @@ def test_without_uvloop_the_standard_loop_runs(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv(cli.LOOP_ENV, raising=False)
     assert cli.loop_factory() is None
     assert cli._run(_loop_type()) is not uvloop.Loop
-    monkeypatch.setenv(cli.LOOP_ENV, "uvloop")
-    with pytest.raises(SystemExit) as exc:
-        cli.loop_factory()
-    assert exc.value.code == cli.EXIT_USAGE
+    for value in ("uvloop", "trio"):  # an unknown value is refused here too
+        monkeypatch.setenv(cli.LOOP_ENV, value)
+        with pytest.raises(SystemExit) as exc:
+            cli.loop_factory()
+        assert exc.value.code == cli.EXIT_USAGE
