@@ -726,7 +726,8 @@ def _merged(runs: list[_Run]) -> _Runs:
 
 _FOR_ENTRIES = re.compile(r"\{%-?\s*for\s+e\s+in\s+entries\s*-?%\}")
 _LOOP_TAG = re.compile(r"\{%-?\s*(for|endfor)\b.*?-?%\}", re.DOTALL)
-FILLED_RUNS_MAX = 8192  # blocks filled with a reader's reasons, encoded (~3-6 KB each)
+FILLED_RUNS_MAX = 8192  # reasons lines filled with a reader's reasons, encoded (~0.3 KB each)
+FILLED_ENTRIES_MAX = 65536  # entries' blocks as references to encoded runs (~0.2 KB each)
 ENTRY_BLOCKS_MAX = 8192  # cached entry blocks per template (~2 KB each), then start over
 
 
@@ -743,9 +744,9 @@ class _EntryBlocks:
     the pieces off and Jinja renders every block.
 
     For the SMTP path (:meth:`extend`) the pieces are also grouped into line runs, encoded
-    once where fixed; an entry's whole block becomes one encoded segment, cached by entry,
-    and a line holding reasons (the same for every paper) is filled once per set of
-    reasons. Every cache here is bounded and starts over when full.
+    once where fixed; a line holding reasons (the same for every paper) is filled once per
+    set of reasons, and an entry's block is the references to its runs, cached by entry.
+    Every cache here is bounded and starts over when full.
 
     Self-checking: the body is rendered with nothing but ``e`` in its context (a body that
     needs anything else fails and switches this off), and the first messages are also
@@ -771,8 +772,8 @@ class _EntryBlocks:
         self.templates: dict[Entry, _BlockTemplate | None] = {}
         # (plain entry, reason count) -> its template's runs and wraps (None: no runs)
         self.by_entry: dict[object, _BlockRuns | None] = {}
-        # entry -> its block filled with its reasons, and the block's encoding
-        self.filled: dict[Entry, tuple[str, Segment]] = {}
+        # entry -> its block filled with its reasons: the runs' texts and encodings
+        self.filled: dict[Entry, tuple[tuple[str, ...], tuple[Segment, ...]]] = {}
         # a dynamic run's content -> its number; (number, reasons) -> the run filled
         self.shared_runs: dict[tuple[object, ...], int] = {}
         self.run_cache: dict[tuple[int, tuple[str, ...]], tuple[str, Segment]] = {}
@@ -834,53 +835,54 @@ class _EntryBlocks:
         """Add the entries' encoded blocks to ``segments`` (and their text to ``texts``);
         False if an entry has no runs (the caller then uses :meth:`each`).
 
-        An entry's block is one segment: its template's line runs, the reason lines
-        filled in, encoded and joined once per template and set of reasons (cached)."""
-        by_entry = self.by_entry
+        An entry's block is its template's line runs with the reason lines filled in: a
+        tuple of references to encoded runs that are shared (the fixed runs per template,
+        a reasons line per set of reasons), cached per entry. Nothing is joined here: the
+        body is joined once, whole (:func:`~digestd.compose.assemble`), so the cache holds
+        a few pointers per entry and can hold every entry of a run."""
         filled = self.filled
         for entry in entries:
             # An entry (paper, rank, reasons) is hashed once and recurs as the same object.
             done = filled.get(entry)
-            if done is None or (texts is not None and not done[0]):
-                reasons = entry.reasons
-                key = (entry.plain, len(reasons)) if entry.plain is not None else entry
-                if key in by_entry:
-                    found = by_entry[key]
-                else:
-                    made = self._made(entry)
-                    found = None if made is None or made[2] is None else _BlockRuns(made)
-                    if len(by_entry) >= ENTRY_BLOCKS_MAX:
-                        by_entry.clear()
-                    by_entry[key] = found
-                if found is None:
-                    return False
-                done = self._join_runs(found, reasons)
+            if done is None:
+                done = self._entry_runs(entry)
                 if done is None:
                     return False
-                if len(filled) >= FILLED_RUNS_MAX:
+                if len(filled) >= FILLED_ENTRIES_MAX:
                     filled.clear()
-                # The text is kept only when asked for (dry runs, Maildir copies).
-                filled[entry] = done if texts is not None else ("", done[1])
-            segments.append(done[1])
+                filled[entry] = done
+            segments += done[1]
             if texts is not None:
-                texts.append(done[0])
+                texts += done[0]
         return True
 
-    def _join_runs(self, block: _BlockRuns, reasons: tuple[str, ...]) -> tuple[str, Segment] | None:
-        """The block's text with ``reasons`` and its encoding as one segment (every run
-        starts a line, so the runs' encodings and stuffed forms simply join)."""
+    def _entry_runs(self, entry: Entry) -> tuple[tuple[str, ...], tuple[Segment, ...]] | None:
+        """The entry's block as (texts, encoded runs), or None: it has no runs."""
+        by_entry = self.by_entry
+        reasons = entry.reasons
+        key = (entry.plain, len(reasons)) if entry.plain is not None else entry
+        if key in by_entry:
+            found = by_entry[key]
+        else:
+            made = self._made(entry)
+            found = None if made is None or made[2] is None else _BlockRuns(made)
+            if len(by_entry) >= ENTRY_BLOCKS_MAX:
+                by_entry.clear()
+            by_entry[key] = found
+        if found is None:
+            return None
         texts: list[str] = []
         parts: list[Segment] = []
-        for run in block.runs:
+        for run in found.runs:
             if type(run) is _StaticRun:
                 texts.append(run.text)
                 parts.append(run.segment)
                 continue
             dynamic = cast("_DynamicRun", run)
-            key = (dynamic.shared, reasons)
-            hit = self.run_cache.get(key)
+            run_key = (dynamic.shared, reasons)
+            hit = self.run_cache.get(run_key)
             if hit is None:
-                text = self._fill(dynamic.pieces, block.wraps, reasons)
+                text = self._fill(dynamic.pieces, found.wraps, reasons)
                 encoded = segment(text, False)
                 if encoded is None:
                     return None
@@ -888,19 +890,10 @@ class _EntryBlocks:
                 if dynamic.shared >= 0:
                     if len(self.run_cache) >= FILLED_RUNS_MAX:
                         self.run_cache.clear()
-                    self.run_cache[key] = hit
+                    self.run_cache[run_key] = hit
             texts.append(hit[0])
             parts.append(hit[1])
-        stuffed = None
-        if any(part[3] is not None for part in parts):
-            stuffed = b"".join(part[0] if part[3] is None else part[3] for part in parts)
-        merged = (
-            b"".join(part[0] for part in parts),
-            sum(part[1] for part in parts),
-            sum(part[2] for part in parts),
-            stuffed,
-        )
-        return "".join(texts), merged
+        return tuple(texts), tuple(parts)
 
     def _made(self, entry: Entry) -> _BlockTemplate | None:
         d = self.deferrals

@@ -9,6 +9,7 @@ import random
 import shutil
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from test_render_blocks import variety
 from test_render_samples import context, digest, fixture_papers, subscriber
@@ -59,6 +60,24 @@ def test_runs_give_the_same_message_as_the_parts_path() -> None:
         assert got == want, (len(d.picks), d.subscriber.email)
     assert fast._shapes is not None and fast._shapes.on
     assert fast._html_blocks.by_entry and fast._html_blocks.filled
+
+
+def test_entry_cache_bound_and_parts_after_lean_renders(monkeypatch: Any) -> None:
+    """The cache of entries' runs starts over when full and stays within its bound, and
+    an entry first cached for a lean (SMTP) render still gives its text later: the same
+    messages, html and text as without line runs."""
+    import digestd.render as render_module
+
+    monkeypatch.setattr(render_module, "FILLED_ENTRIES_MAX", 5)
+    fast, slow = Renderer(), parts_path_only(Renderer())
+    digests = many_reasons()
+    for d in digests:
+        fast.render(d, context(), parts=False)
+    for d in digests + variety():
+        assert fast.render(d, context()) == slow.render(d, context())
+        assert len(fast._html_blocks.filled) <= 5
+        assert len(fast._text_blocks.filled) <= 5
+    assert fast._shapes is not None and fast._shapes.on
 
 
 def test_without_parts_only_the_message_is_made() -> None:
