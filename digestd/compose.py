@@ -439,14 +439,15 @@ def segment(text: str, keep: bool = True) -> Segment | None:
             data = text.encode("utf-8")
         except UnicodeError:
             return None
+        if not keep:
+            # One call for the run: b2a_qp encodes line by line (its line length starts
+            # over at every LF), so this is the lines' encodings joined.
+            whole = data if data.endswith(b"\n") else data + b"\n"
+            qp = binascii.b2a_qp(whole, istext=True).replace(b"\n", _CRLF)
+            return qp, len(data), data.count(b"\n"), dot_stuffed(qp)
         lines = data.split(b"\n")
         if text.endswith("\n"):
             lines.pop()
-        if not keep:
-            qp = b"".join([binascii.b2a_qp(line + b"\n", istext=True) for line in lines])
-            qp = qp.replace(b"\n", _CRLF)
-            newlines = len(lines) - (not text.endswith("\n"))
-            return qp, len(data), newlines, dot_stuffed(qp)
         qp = b"".join([_qp_line(line) for line in lines])
         hit = (qp, len(data), data.count(b"\n"), dot_stuffed(qp))
         if len(_SEGMENTS) >= SEGMENTS_MAX:

@@ -256,3 +256,34 @@ def test_strip_controls_matches_the_regex_path_on_random_text() -> None:
     assert strip_controls("Reader 7 <r@example.org>") == "Reader 7 <r@example.org>"
     assert strip_controls("a\u200db") == "a\u200db"  # ZWJ is kept
     assert strip_controls("a\u2028b\u00adc") == "a bc"
+
+
+def test_segment_of_a_run_equals_its_lines_encoded_one_by_one() -> None:
+    """``segment(text, keep=False)`` encodes a run in one call; that is exactly the lines
+    encoded one by one (as the cached path does) and joined, on hostile random runs:
+    trailing blanks, "=", dots, control and non-ASCII characters, lines around the 76-octet
+    soft-break limit, and an unterminated last line."""
+    import binascii
+    import random
+
+    from digestd.compose import segment
+
+    def reference(text: str) -> tuple[bytes, int, int]:
+        data = text.encode("utf-8")
+        lines = data.split(b"\n")
+        if text.endswith("\n"):
+            lines.pop()
+        qp = b"".join(binascii.b2a_qp(line + b"\n", istext=True) for line in lines)
+        return qp.replace(b"\n", b"\r\n"), len(data), data.count(b"\n")
+
+    pieces = [" ", "\t", "=", ".", "a", "é", "—", "😀", "\n", "\n", " \n", "=\n", "\x00", "\x7f"]
+    pieces += ["y" * n for n in (70, 73, 74, 75, 76, 77)]
+    rng = random.Random(20261125)
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 30)))
+        got = segment(text, False)
+        assert got is not None
+        assert got[:3] == reference(text), repr(text)
+        stuffed = b"\r\n..".join(got[0].split(b"\r\n."))
+        stuffed = b"." + stuffed if stuffed.startswith(b".") else stuffed
+        assert got[3] == (None if stuffed == got[0] else stuffed), repr(text)
