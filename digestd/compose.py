@@ -589,10 +589,14 @@ def build_message(
     text: str,
     html: str,
     encoded: tuple[tuple[str, bytes] | None, tuple[str, bytes] | None] = (None, None),
+    payload: bool = False,
 ) -> bytes:
     """The complete message as bytes (CRLF line ends), or RenderError.
 
     ``encoded`` may give (text, html) bodies already encoded by :func:`encode_parts`.
+    ``payload``: return the message as its SMTP DATA payload only (a :class:`DataPayload`
+    with the message's size), without putting the message itself together: all the SMTP
+    sender needs.
 
     Headers go through the ``email`` package's header registry and folder (the same bytes
     ``EmailMessage.as_bytes`` writes); the MIME structure is assembled here, as the
@@ -663,11 +667,19 @@ def build_message(
         raise
     except (ValueError, TypeError, UnicodeError, IndexError) as exc:
         raise RenderError(f"cannot build the message: {exc}") from exc
-    message = WireReady(b"".join(out))
-    message.size = len(message)
     head_bytes = b"".join(head)
     if not _crlf_lines(head_bytes):  # the bodies are CRLF-only as encoded
-        return bytes(message)  # not what it should be: the transport checks it whole
+        return b"".join(out)  # not what it should be: the transport checks it whole
+    if payload:
+        size = sum(map(len, out))
+        first = len(head) + 1
+        for index, stuffed in enumerate(stuffed_bodies):
+            if stuffed is not None:
+                out[first + 5 * index + 3] = stuffed
+        out.append(b".\r\n")
+        return _payload_of(b"".join(out), size)
+    message = WireReady(b"".join(out))
+    message.size = len(message)
     if any(s is not None for s in stuffed_bodies):
         # out: head…, CRLF, then per body: delimiter, type, encoding, data, CRLF
         payload = out.copy()

@@ -254,7 +254,10 @@ class Engine:
         return digest, reason
 
     def render(self, digest: Digest, *, parts: bool = True) -> RenderedDigest:
-        rendered = self.renderer.render(digest, self.ctx, parts=parts)
+        # Without parts the caller is the SMTP sender, which needs only the DATA payload;
+        # a DKIM signature is made over the message, so then the message is built.
+        payload = not parts and self._dkim_key is None
+        rendered = self.renderer.render(digest, self.ctx, parts=parts, payload=payload)
         if self._dkim_key is not None:
             from .signing import dkim_sign
 

@@ -1311,13 +1311,17 @@ class Renderer:
         except (OSError, UnicodeError, jinja2.TemplateError, css_inline.InlineError) as exc:
             raise RenderError(f"cannot load the templates in {directory}: {exc}") from exc
 
-    def render(self, digest: Digest, ctx: RenderContext, *, parts: bool = True) -> RenderedDigest:
+    def render(
+        self, digest: Digest, ctx: RenderContext, *, parts: bool = True, payload: bool = False
+    ) -> RenderedDigest:
         """The finished message for ``digest``; raises RenderError (that subscriber only).
 
         ``parts=False``: the message bytes are all the caller needs; the ``html`` and
-        ``text`` fields come back empty (the SMTP sender does not keep them)."""
+        ``text`` fields come back empty (the SMTP sender does not keep them).
+        ``payload=True``: the message comes as its SMTP DATA payload, a
+        :class:`~digestd.compose.DataPayload` (see :func:`~digestd.compose.build_message`)."""
         try:
-            return self._render(digest, ctx, parts)
+            return self._render(digest, ctx, parts, payload)
         except RenderError:
             raise
         except Exception as exc:  # a template or data bug must not stop other subscribers
@@ -1325,7 +1329,9 @@ class Renderer:
                 f"cannot render the digest for subscriber {digest.subscriber.id}: {exc!r}"
             ) from exc
 
-    def _render(self, digest: Digest, ctx: RenderContext, parts: bool) -> RenderedDigest:
+    def _render(
+        self, digest: Digest, ctx: RenderContext, parts: bool, payload: bool
+    ) -> RenderedDigest:
         sub = digest.subscriber
         if not _TOKEN.match(sub.token):
             raise RenderError(f"subscriber {sub.id} has no usable link token")
@@ -1425,7 +1431,7 @@ class Renderer:
             precedence=ctx.precedence,
             feedback_id=ctx.feedback_id,
         )
-        message = build_message(headers, text=text, html=html, encoded=encoded)
+        message = build_message(headers, text=text, html=html, encoded=encoded, payload=payload)
         return RenderedDigest(
             subscriber_id=sub.id,
             email=sub.email,

@@ -15,7 +15,13 @@ from test_render_blocks import variety
 from test_render_samples import context, digest, fixture_papers, subscriber
 from test_wire import reference_payload
 
-from digestd.compose import WireReady
+from digestd.compose import (
+    DataPayload,
+    WireReady,
+    as_data_payload,
+    message_bytes,
+    message_size,
+)
 from digestd.models import Digest, Pick
 from digestd.render import Renderer, _fill_text
 
@@ -106,6 +112,28 @@ def test_the_message_carries_its_data_payload() -> None:
         payload = message.payload if message.payload is not None else message + b".\r\n"
         assert (payload, message.size) == reference_payload(message)
         stuffed += message.payload is not None
+    assert stuffed, "no message needed stuffing: the test lost its point"
+
+
+def test_payload_only_is_the_message_as_its_data_payload() -> None:
+    """``payload=True`` gives the DataPayload of the very message ``payload=False`` gives
+    (stuffed where a line starts with ".", the final dot, the message's size), without the
+    message being built: on the blocks' variety, many reason mixes and dotted titles."""
+    papers = fixture_papers()
+    dotted = tuple(
+        type(p)(**{**{f: getattr(p, f) for f in p.__slots__}, "title": "." * 90 + " .x"})
+        for p in papers[:4]
+    )
+    lean, whole = Renderer(), Renderer()
+    digests = [*variety(), *many_reasons(), digest(4, papers=dotted)]
+    stuffed = 0
+    for d in digests + digests:
+        got = lean.render(d, context(), parts=False, payload=True).message
+        message = whole.render(d, context(), parts=False).message
+        assert type(got) is DataPayload
+        assert got == as_data_payload(message) and got.size == message_size(message)
+        assert message_bytes(got) == message
+        stuffed += got != message + b".\r\n"
     assert stuffed, "no message needed stuffing: the test lost its point"
 
 
