@@ -670,26 +670,28 @@ def build_message(
     head_bytes = b"".join(head)
     if not _crlf_lines(head_bytes):  # the bodies are CRLF-only as encoded
         return b"".join(out)  # not what it should be: the transport checks it whole
+    first_body = len(head) + 1
     if payload:
         size = sum(map(len, out))
-        first = len(head) + 1
-        for index, stuffed in enumerate(stuffed_bodies):
-            if stuffed is not None:
-                out[first + 5 * index + 3] = stuffed
-        out.append(b".\r\n")
+        _stuff(out, first_body, stuffed_bodies)
         return _payload_of(b"".join(out), size)
     message = WireReady(b"".join(out))
     message.size = len(message)
     if any(s is not None for s in stuffed_bodies):
-        # out: head…, CRLF, then per body: delimiter, type, encoding, data, CRLF
-        payload = out.copy()
-        first = len(head) + 1
-        for index, stuffed in enumerate(stuffed_bodies):
-            if stuffed is not None:
-                payload[first + 5 * index + 3] = stuffed
-        payload.append(b".\r\n")
-        message.payload = b"".join(payload)
+        pieces = out.copy()
+        _stuff(pieces, first_body, stuffed_bodies)
+        message.payload = b"".join(pieces)
     return message
+
+
+def _stuff(out: list[bytes], first_body: int, stuffed_bodies: list[bytes | None]) -> None:
+    """Turn :func:`build_message`'s pieces into the DATA payload's: each body that needs
+    it stuffed, and the final dot. ``out`` is head…, CRLF, then per body: delimiter, type,
+    encoding, data, CRLF; and the closing delimiter."""
+    for index, stuffed in enumerate(stuffed_bodies):
+        if stuffed is not None:
+            out[first_body + 5 * index + 3] = stuffed
+    out.append(b".\r\n")
 
 
 def _crlf_lines(data: bytes) -> bool:
