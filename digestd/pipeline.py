@@ -45,6 +45,11 @@ SUBSCRIBER_BATCH = 500
 POOL_MIN_SUBSCRIBERS = 2000
 RENDER_CHUNK = 50  # subscribers per task handed to a worker
 WORKER_GC_THRESHOLD = 50_000  # allocations between young collections in a render worker
+# A render worker's niceness above the main process. Each message holds its connection slot
+# for its round trips and the ledger commit, so the run is bound by how soon the event
+# loop (and the SMTP server) get the CPU: at 100,000 subscribers +15 made the send stage
+# ~2.0 ms a message instead of ~3.1 with +5, and the run ~5 % faster (+19: the same).
+WORKER_NICE = 15
 RUN_GC_THRESHOLD = 20_000  # … in the process running run_once, while it runs
 MAX_CHUNKS_SENDING = 4  # chunks of finished messages in the sender at once (memory bound)
 # How long replies gather before a ledger commit (unless every connection's is waiting).
@@ -671,7 +676,7 @@ def _worker_start(
     # Rendering is throughput work; the main process's event loop (SMTP replies) and its
     # SQLite thread are latency work: let them win the CPU when both cores are busy.
     with contextlib.suppress(OSError, AttributeError):
-        os.nice(5)
+        os.nice(WORKER_NICE)
     tune_malloc()  # a worker lives for one run
     logs.configure(json=json_logs)
     _WORKER_ENGINE = Engine(settings, (), (), now, day=day)
