@@ -144,8 +144,9 @@ class _GcWhileRunning:
 # glibc malloc while a run is in progress (and for good in a render worker). Each message
 # is ~28 KB allocated and freed several times, and a chunk of 50 crosses between processes
 # as ~1.4 MB: with glibc's defaults the chunk buffers are mmap'ed and unmapped every time
-# and the heap top is trimmed and grown again, so every message costs fresh pages (~15
-# page faults, ~25 µs of kernel time per message in a worker, ~10 in the main process).
+# and the heap top is trimmed and grown again, so every message costs fresh pages: about
+# 10-15 page faults per message in a worker and 8 in the main process at 30,000
+# subscribers, some 20 µs of kernel time per message in each (bench figures, README).
 RUN_MMAP_THRESHOLD = 16 << 20  # below this, blocks come from the heap, not mmap
 RUN_TRIM_THRESHOLD = 64 << 20  # free space kept at the heap top before giving it back
 RUN_TOP_PAD = 16 << 20  # extra heap asked for at a time (address space, not memory)
