@@ -73,6 +73,8 @@ class Result:
     stages: dict[str, float] = field(default_factory=dict)
     rss_mb: float = 0.0  # digestd process VmHWM
     cpu_s: float = 0.0  # digestd's user+system CPU, its pool workers included
+    sys_s: float = 0.0  # … of which in the kernel
+    page_faults: int = 0  # digestd's minor page faults, its pool workers included
     main_cpu_s: float = 0.0  # … of which the main process (sampled every 20 ms)
     sink_cpu_s: float = 0.0  # smtp-sink's CPU during the digestd run
     workers_rss_mb: list[float] = field(default_factory=list)
@@ -259,6 +261,8 @@ def run_digestd(config: Path, log: Path, result: Result) -> None:
         result.wall_s = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         result.cpu_s = usage.ru_utime + usage.ru_stime
+        result.sys_s = usage.ru_stime
+        result.page_faults = usage.ru_minflt
         result.main_cpu_s = watcher.main_cpu
         watcher.stopped.set()
         watcher.join()
@@ -382,6 +386,11 @@ def report(result: Result) -> None:
         f" {r.main_cpu_s:.1f} s = {r.main_cpu_s * per:.0f} µs/msg, the rest in workers),"
         f" smtp-sink {r.sink_cpu_s:.1f} s ({r.sink_cpu_s * per:.0f} µs/msg);"
         f" {os.cpu_count()} cores × {r.wall_s:.1f} s = {(os.cpu_count() or 1) * r.wall_s:.1f} s"
+    )
+    print(
+        f"  kernel: digestd {r.sys_s * per:.0f} µs/msg of that CPU,"
+        f" {r.page_faults / r.sent if r.sent else 0:.1f} page faults per message"
+        " (main process and workers)"
     )
 
 

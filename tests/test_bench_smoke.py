@@ -51,6 +51,7 @@ def test_bench_delivery_runs_end_to_end(tmp_path: Path) -> None:
     for stage in ("select", "render", "send", "ledger"):
         assert stage in out
     assert "peak RSS: digestd" in out and "peak RSS 300 vs 150" in out
+    assert out.count("page faults per message") == 2
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
