@@ -119,10 +119,12 @@ class RunSummary:
         return {"ok": 0, "partial": 3}.get(self.state, 1)
 
 
-class _GcWhileRunning:
-    """A run allocates many short-lived objects per message (futures, replies, ledger
-    rows): young objects are collected less often while any run is in progress, and the
-    thresholds are put back when the last one ends."""
+class _WhileRunning:
+    """The process's settings while any run is in progress, put back when the last one
+    ends (the daemon runs a slot at a time, but the count keeps it exact). A run allocates
+    many short-lived objects per message (futures, replies, ledger rows): young objects
+    are collected less often; and freed message buffers stay in the heap
+    (:func:`tune_malloc`, then :func:`release_malloc`)."""
 
     active = 0
     saved: tuple[int, int, int] = (700, 10, 10)
@@ -132,6 +134,7 @@ class _GcWhileRunning:
         if cls.active == 0:
             cls.saved = gc.get_threshold()
             gc.set_threshold(max(RUN_GC_THRESHOLD, cls.saved[0]), *cls.saved[1:])
+            tune_malloc()
         cls.active += 1
 
     @classmethod
@@ -139,6 +142,7 @@ class _GcWhileRunning:
         cls.active -= 1
         if cls.active == 0:
             gc.set_threshold(*cls.saved)
+            release_malloc()
 
 
 # glibc malloc while a run is in progress (and for good in a render worker). Each message
@@ -196,25 +200,6 @@ def release_malloc(libc: Any = None) -> bool:
     libc.mallopt(_M_TOP_PAD, 0)
     libc.malloc_trim(0)
     return True
-
-
-class _MallocWhileRunning:
-    """:func:`tune_malloc` while any run is in progress, :func:`release_malloc` when the
-    last one ends (the daemon runs a slot at a time, but the count keeps it exact)."""
-
-    active = 0
-
-    @classmethod
-    def enter(cls) -> None:
-        if cls.active == 0:
-            tune_malloc()
-        cls.active += 1
-
-    @classmethod
-    def leave(cls) -> None:
-        cls.active -= 1
-        if cls.active == 0:
-            release_malloc()
 
 
 def today_in(timezone: str, now: dt.datetime | None = None) -> dt.date:
@@ -399,8 +384,7 @@ async def run_once(
     summary = RunSummary(date=date)
     now = now or dt.datetime.now(dt.UTC)
     structlog.contextvars.bind_contextvars(digest_date=date.isoformat())
-    _GcWhileRunning.enter()
-    _MallocWhileRunning.enter()
+    _WhileRunning.enter()
     try:
         one_pass = functools.partial(
             _run,
@@ -456,8 +440,7 @@ async def run_once(
             dry_run=dry_run,
         )
         structlog.contextvars.unbind_contextvars("digest_date")
-        _MallocWhileRunning.leave()
-        _GcWhileRunning.leave()
+        _WhileRunning.leave()
     return summary
 
 

@@ -12,6 +12,7 @@ import shutil
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -29,7 +30,11 @@ def require_tool(name: str, path: str | None = None) -> str:
     found = path if path and Path(path).exists() else shutil.which(name)
     if found:
         return found
-    message = f"{name} is not installed (apt-get install it, or run .ci/run)"
+    missing(f"{name} is not installed (apt-get install it, or run .ci/run)")
+
+
+def missing(message: str) -> NoReturn:
+    """Skip for a missing part of the system, or fail under DIGESTD_REQUIRE_TOOLS=1."""
     if os.environ.get("DIGESTD_REQUIRE_TOOLS") == "1":
         pytest.fail(message + " and DIGESTD_REQUIRE_TOOLS=1")
     pytest.skip(message)

@@ -1,5 +1,5 @@
 """Throughput details of the pipeline (issue 6): garbage-collection thresholds while a run
-is in progress (``_GcWhileRunning``: raised for the run, put back exactly when the last
+is in progress (``_WhileRunning``: raised for the run, put back exactly when the last
 overlapping run ends), the ledger's group commit (``_GroupCommit``: replies gathered within
 a short window, never longer than until every connection's reply waits), and the render
 pool's widened result pipe."""
@@ -26,12 +26,12 @@ def test_thresholds_are_raised_during_a_run_and_restored_after(
     thresholds: tuple[int, int, int],
 ) -> None:
     """enter raises the young-generation threshold; leave restores all three."""
-    pipeline._GcWhileRunning.enter()
+    pipeline._WhileRunning.enter()
     try:
         assert gc.get_threshold()[0] == pipeline.RUN_GC_THRESHOLD
         assert gc.get_threshold()[1:] == thresholds[1:]
     finally:
-        pipeline._GcWhileRunning.leave()
+        pipeline._WhileRunning.leave()
     assert gc.get_threshold() == thresholds
 
 
@@ -40,21 +40,21 @@ def test_overlapping_runs_restore_only_when_the_last_one_ends(
 ) -> None:
     """Two runs that overlap (A starts, B starts, A ends, B ends) leave the thresholds as
     they found them, and raised until B ends."""
-    pipeline._GcWhileRunning.enter()
-    pipeline._GcWhileRunning.enter()
-    pipeline._GcWhileRunning.leave()
+    pipeline._WhileRunning.enter()
+    pipeline._WhileRunning.enter()
+    pipeline._WhileRunning.leave()
     assert gc.get_threshold()[0] == pipeline.RUN_GC_THRESHOLD
-    pipeline._GcWhileRunning.leave()
+    pipeline._WhileRunning.leave()
     assert gc.get_threshold() == thresholds
-    assert pipeline._GcWhileRunning.active == 0
+    assert pipeline._WhileRunning.active == 0
 
 
 def test_a_higher_threshold_already_set_is_kept(thresholds: tuple[int, int, int]) -> None:
     """An operator's higher threshold is not lowered for the run."""
     gc.set_threshold(100_000, 10, 10)
-    pipeline._GcWhileRunning.enter()
+    pipeline._WhileRunning.enter()
     assert gc.get_threshold()[0] == 100_000
-    pipeline._GcWhileRunning.leave()
+    pipeline._WhileRunning.leave()
     assert gc.get_threshold() == (100_000, 10, 10)
 
 

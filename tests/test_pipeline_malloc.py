@@ -11,7 +11,7 @@ import sys
 import textwrap
 from typing import Any
 
-import pytest
+from conftest import missing
 
 from digestd import pipeline
 
@@ -33,12 +33,8 @@ def _glibc_with_mallinfo2() -> bool:
 def needs_glibc() -> None:
     """Skip where the C library is not glibc >= 2.33 (mallopt, malloc_trim, mallinfo2);
     under DIGESTD_REQUIRE_TOOLS=1 (CI, on Debian) that is a failure, not a skip."""
-    if _glibc_with_mallinfo2():
-        return
-    message = "needs glibc >= 2.33 (mallopt, malloc_trim, mallinfo2)"
-    if os.environ.get("DIGESTD_REQUIRE_TOOLS") == "1":
-        pytest.fail(message + " and DIGESTD_REQUIRE_TOOLS=1")
-    pytest.skip(message)
+    if not _glibc_with_mallinfo2():
+        missing("needs glibc >= 2.33 (mallopt, malloc_trim, mallinfo2)")
 
 
 _PROBE = textwrap.dedent(
@@ -126,31 +122,31 @@ def test_without_glibc_nothing_is_touched(monkeypatch: Any) -> None:
     monkeypatch.setattr(pipeline, "_libc", lambda: None)
     assert pipeline.tune_malloc() is False
     assert pipeline.release_malloc() is False
-    pipeline._MallocWhileRunning.enter()
-    pipeline._MallocWhileRunning.leave()
-    assert pipeline._MallocWhileRunning.active == 0
+    pipeline._WhileRunning.enter()
+    pipeline._WhileRunning.leave()
+    assert pipeline._WhileRunning.active == 0
 
 
 def test_overlapping_runs_tune_once_and_release_after_the_last(monkeypatch: Any) -> None:
     """The first run to start tunes, the last to end releases; none in between."""
     fake = _FakeLibc()
     monkeypatch.setattr(pipeline, "_libc", lambda: fake)
-    pipeline._MallocWhileRunning.enter()
-    pipeline._MallocWhileRunning.enter()
+    pipeline._WhileRunning.enter()
+    pipeline._WhileRunning.enter()
     assert [c[1] for c in fake.calls] == [-3, -1, -2]
     assert (fake.calls[0][2], fake.calls[1][2]) == (
         pipeline.RUN_MMAP_THRESHOLD,
         pipeline.RUN_TRIM_THRESHOLD,
     )
-    pipeline._MallocWhileRunning.leave()
+    pipeline._WhileRunning.leave()
     assert len(fake.calls) == 3
-    pipeline._MallocWhileRunning.leave()
+    pipeline._WhileRunning.leave()
     assert fake.calls[3:] == [
         ("mallopt", -1, pipeline._GLIBC_TRIM_THRESHOLD),
         ("mallopt", -2, 0),
         ("malloc_trim", 0, 0),
     ]
-    assert pipeline._MallocWhileRunning.active == 0
+    assert pipeline._WhileRunning.active == 0
 
 
 def test_a_failed_mallopt_is_reported(monkeypatch: Any) -> None:
