@@ -22,7 +22,7 @@ from digestd.compose import (
     message_bytes,
     message_size,
 )
-from digestd.models import Digest, Pick
+from digestd.models import Digest, Paper, Pick
 from digestd.render import Renderer, _fill_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,15 @@ def many_reasons() -> list[Digest]:
         sub = subscriber(id=i + 1, email=f"r{i}@example.org", name=f"Reader {i}")
         out.append(Digest(sub, digest(1).date, picks))
     return out
+
+
+def dotted_papers() -> tuple[Paper, ...]:
+    """Four papers whose titles start lines with "." once wrapped: their bodies need
+    dot-stuffing."""
+    return tuple(
+        type(p)(**{**{f: getattr(p, f) for f in p.__slots__}, "title": "." * 90 + " .x"})
+        for p in fixture_papers()[:4]
+    )
 
 
 def test_runs_give_the_same_message_as_the_parts_path() -> None:
@@ -99,11 +108,7 @@ def test_without_parts_only_the_message_is_made() -> None:
 def test_the_message_carries_its_data_payload() -> None:
     """The payload built with the message is what dot-stuffing the whole message gives,
     including bodies with lines that start with "." (a title of dots)."""
-    papers = fixture_papers()
-    dotted = tuple(
-        type(p)(**{**{f: getattr(p, f) for f in p.__slots__}, "title": "." * 90 + " .x"})
-        for p in papers[:4]
-    )
+    dotted = dotted_papers()
     renderer = Renderer()
     stuffed = 0
     for d in [*variety(), digest(4, papers=dotted), digest(4, papers=dotted)]:
@@ -119,11 +124,7 @@ def test_payload_only_is_the_message_as_its_data_payload() -> None:
     """``payload=True`` gives the DataPayload of the very message ``payload=False`` gives
     (stuffed where a line starts with ".", the final dot, the message's size), without the
     message being built: on the blocks' variety, many reason mixes and dotted titles."""
-    papers = fixture_papers()
-    dotted = tuple(
-        type(p)(**{**{f: getattr(p, f) for f in p.__slots__}, "title": "." * 90 + " .x"})
-        for p in papers[:4]
-    )
+    dotted = dotted_papers()
     lean, whole = Renderer(), Renderer()
     digests = [*variety(), *many_reasons(), digest(4, papers=dotted)]
     stuffed = 0
